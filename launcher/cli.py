@@ -1,0 +1,78 @@
+"""The `stalwart` command: a thin layer that parses arguments and calls plain functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launcher.local import launch_local, prepare_missing_dataset
+from trainer.config import load_config
+from trainer.data import DataError, prepare_dataset
+from trainer.schema import ConfigError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    nproc = args.nproc or config.parallel.tp * config.parallel.pp * (config.parallel.dp or 1)
+    config.validate(world_size=nproc)
+    prepare_missing_dataset(config)
+    return launch_local(args.config, args.overrides, nproc)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    info = prepare_dataset(
+        args.sources,
+        args.output,
+        tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
+        vocab_size=args.vocab_size,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {args.output}-{{train,valid}}.bin/.idx: {info.documents['train']} + {info.documents['valid']} "
+        f"documents, {info.tokens['train']:,} + {info.tokens['valid']:,} tokens, vocabulary {info.vocab_size}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant pre-training on megatron-core.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train from a YAML config on this machine (torchrun)")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--nproc", type=int, default=None, help="ranks to start (default: tp x pp x dp from the config)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=50 (repeatable)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="tokenise text/JSONL files into Megatron indexed datasets")
+    prepare.add_argument("sources", nargs="+", help='files or directories (.txt, .jsonl with "text", ...), or "stdlib"')
+    prepare.add_argument("--output", required=True, help="output prefix, e.g. data/mycorpus")
+    prepare.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
+    prepare.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a trained tokenizer")
+    prepare.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out")
+    prepare.add_argument("--seed", type=int, default=1234)
+    prepare.set_defaults(func=cmd_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"stalwart: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

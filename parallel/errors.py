@@ -1,0 +1,34 @@
+"""Failing safely: every rank stops with the same message instead of some hanging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class RankFailed(RuntimeError):
+    """Raised on every rank when any rank failed a step that all ranks run together."""
+
+
+def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...] = (Exception,)) -> T:
+    """Run `step` on every rank, then raise the first rank's error everywhere if any rank failed.
+
+    Used around start-up work (config, data and tokenizer checks) that must not leave the
+    healthy ranks waiting in a collective for a rank that already gave up.
+    """
+    try:
+        result, error = step(), None
+    except expected as e:
+        result, error = None, f"{e}"
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    if failed:
+        rank, message = failed[0]
+        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise RankFailed(f"{message} [rank {rank}{others}]")
+    return result

@@ -1,0 +1,39 @@
+"""Per-rank entry point, started by torchrun or srun: `python -m trainer CONFIG [--set k=v ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from parallel.errors import RankFailed
+from trainer.data import DataError
+from trainer.schema import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        from trainer.config import load_config
+        from trainer.loop import Trainer
+
+        trainer = Trainer(load_config(args.config, args.overrides))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    except (ConfigError, DataError, RankFailed) as e:
+        print(f"stalwart: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stalwart: rank {rank} interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

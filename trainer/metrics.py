@@ -1,0 +1,118 @@
+"""Per-step metrics: metrics.jsonl, the progress bar, MFU, and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per GPU from the vendors' data sheets (without sparsity).
+_GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def model_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + the attention term 12 L h s.
+
+    The PaLM paper's accounting (appendix B); the input embedding is a lookup and counts 0.
+    """
+    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    head_dim = h // model.num_attention_heads
+    attention = h * (h + 2 * model.query_groups * head_dim) + h * h
+    mlp = 3 * h * f
+    matmul_params = layers * (attention + mlp) + vocab_size * h
+    return 6.0 * matmul_params + 12.0 * layers * h * seq_length
+
+
+def peak_flops_per_device(configured_tflops: float | None) -> float:
+    """FLOP/s one device can do: configured, looked up for known GPUs, or measured on the CPU."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in _GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        return float("nan")
+    return _measured_cpu_matmul_flops()
+
+
+def _measured_cpu_matmul_flops(n: int = 512, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar with ETA on rank 0; silent elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+    def update(self, record: dict) -> None:
+        if self._bar is None:
+            return
+        shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "val_loss" in record:
+            shown["val"] = f"{record['val_loss']:.3f}"
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> Path:
+    """Training and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
+    if valid:
+        ax.plot([s for s, _ in valid], [v for _, v in valid], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
