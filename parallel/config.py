@@ -46,11 +46,17 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         """The DP degree for a world size; raises when the layout does not fill the world exactly."""
         model_parallel = self.tp * self.pp
+        if self.dp is None and world_size % model_parallel:
+            raise ConfigError(
+                "parallel",
+                f"world size {world_size} != tp {self.tp} x pp {self.pp} x dp: it is not a multiple of "
+                f"tp x pp = {model_parallel}; change the number of ranks or the degrees",
+            )
         dp = self.dp if self.dp is not None else world_size // model_parallel
         if model_parallel * dp != world_size:
             raise ConfigError(
                 "parallel",
-                f"world size {world_size} != tp {self.tp} x pp {self.pp} x dp {self.dp if self.dp else '?'}"
-                f"; run with {model_parallel * (self.dp or 1)} ranks or change the degrees",
+                f"world size {world_size} != tp {self.tp} x pp {self.pp} x dp {dp} = {model_parallel * dp}"
+                f"; run with {model_parallel * dp} ranks or change the degrees",
             )
         return dp

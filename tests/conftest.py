@@ -1,0 +1,85 @@
+"""Shared fixtures: a small real dataset, tiny configs, and a torchrun helper with timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.data import prepare_dataset, stdlib_source_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = {
+    "run": {"precision": "fp32", "progress": False},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 64,
+        "ffn_hidden_size": 176,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+    },
+    "train": {
+        "steps": 5,
+        "seq_length": 64,
+        "global_batch_tokens": 1024,
+        "micro_batch_size": 2,
+        "eval_interval": 5,
+        "eval_batches": 1,
+    },
+    "optim": {"lr": 1.0e-3, "warmup_steps": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> str:
+    """A real indexed dataset from three stdlib packages, with a 512-token BPE tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    stdlib = stdlib_source_dir()
+    sources = [stdlib / "email", stdlib / "json", stdlib / "logging"]
+    prefix = str(root / "small")
+    prepare_dataset(sources, prefix, vocab_size=512, valid_fraction=0.1, show_progress=False)
+    return prefix
+
+
+@pytest.fixture
+def tiny_config(tmp_path, small_dataset) -> Path:
+    """A YAML file of the tiny model on the small dataset, writing into tmp_path/run."""
+    config = {**TINY_CONFIG, "run": {**TINY_CONFIG["run"], "dir": str(tmp_path / "run")}}
+    config["data"] = {"path": small_dataset}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rank_env(nproc: int) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def run_command(command: list[str], timeout: float, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group and fail."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `nproc` real ranks (gloo) with torchrun on this machine."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return run_command(command, timeout, env=rank_env(nproc), cwd=REPO)
