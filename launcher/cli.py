@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from launcher.local import launch_local, prepare_missing_dataset
-from trainer.config import load_config
-from trainer.data import DataError, prepare_dataset
 from trainer.schema import ConfigError
 
 
+def quiet_megatron_fallback_warnings() -> None:
+    """megatron-core warns at import that Apex/TE are absent; on CPU that is the expected state."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.local import launch_local, prepare_missing_dataset
+    from trainer.config import load_config
+
     config = load_config(args.config, args.overrides)
     nproc = args.nproc or config.parallel.tp * config.parallel.pp * (config.parallel.dp or 1)
     config.validate(world_size=nproc)
@@ -21,6 +27,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from trainer.data import prepare_dataset
+
     info = prepare_dataset(
         args.sources,
         args.output,
@@ -67,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_megatron_fallback_warnings()
+    from trainer.data import DataError
+
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -19,7 +19,9 @@ def main() -> int:
     try:
         on_all_ranks(lambda: open_data(config), (DataError,))
     except RankFailed as e:
-        print(f"rank {dist.get_rank()} stopped: {e}", flush=True)
+        # One write per line: both ranks share the pipe, and print() may split a line in two writes.
+        sys.stdout.write(f"rank {dist.get_rank()} stopped: {e}\n")
+        sys.stdout.flush()
         return 2
     return 0
 

@@ -86,3 +86,12 @@ def test_validation_errors_name_the_key(tmp_path, overrides, world, key, words):
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_config_key_is_documented():
+    import dataclasses
+
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.default_factory):
+            assert f"`{section.name}.{key.name}`" in docs, f"{section.name}.{key.name} is missing from the docs"

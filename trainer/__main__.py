@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from launcher.cli import quiet_megatron_fallback_warnings
 from parallel.errors import RankFailed
 from trainer.data import DataError
 from trainer.schema import ConfigError
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    quiet_megatron_fallback_warnings()
     try:
         from trainer.config import load_config
         from trainer.loop import Trainer

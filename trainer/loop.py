@@ -78,7 +78,7 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.config.train
-        log = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_logger else None
+        log = MetricsLog(self.run_dir / "metrics.jsonl", resumed=self.step > 0) if self.is_logger else None
         progress = Progress(cfg.steps, self.step, enabled=self.is_logger and self.config.run.progress)
         try:
             while self.step < cfg.steps:
@@ -116,6 +116,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
             "consumed_samples": self.data.sampler.state_dict()["consumed_samples"],
+            "time": time.time(),
         }
 
     def evaluate(self) -> float:

@@ -50,12 +50,15 @@ def _measured_cpu_matmul_flops(n: int = 512, repeats: int = 8) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only)."""
+    """One JSON object per line in run_dir/metrics.jsonl (rank 0 only).
 
-    def __init__(self, path: Path):
+    A run that starts from step 0 replaces the file; a resumed run appends to it.
+    """
+
+    def __init__(self, path: Path, resumed: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("a", buffering=1)
+        self._file = path.open("a" if resumed else "w", buffering=1)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
