@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.config import ParallelConfig
 from parallel import cpu_compat
+from parallel.config import ParallelConfig
 from parallel.dims import build_parallel_dims, destroy_parallel_dims
 from trainer.config import Config, ModelConfig
 from trainer.metrics import model_flops_per_token

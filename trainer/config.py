@@ -12,6 +12,7 @@ from typing import Literal
 
 import yaml
 
+from checkpoint.config import CheckpointConfig
 from parallel.config import ParallelConfig
 from trainer.schema import ConfigError, apply_override, from_dict
 
@@ -180,6 +181,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError on the first problem; with a world size also check the layout fits it."""
@@ -187,6 +189,7 @@ class Config:
         self.optim.validate()
         self.data.validate()
         self.parallel.validate()
+        self.checkpoint.validate()
         dp = self.parallel.data_parallel_size(world_size) if world_size else (self.parallel.dp or 1)
         self.train.validate(dp)
         self._validate_layout()

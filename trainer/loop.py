@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from checkpoint.manager import Checkpointer
 from parallel.dims import ParallelDims, build_parallel_dims, destroy_parallel_dims, init_distributed
 from parallel.errors import on_all_ranks
 from trainer.config import Config
@@ -23,7 +24,7 @@ from trainer.data import (
 from trainer.metrics import MetricsLog, Progress, model_flops_per_token, peak_flops_per_device, plot_losses
 from trainer.model import padded_vocab_size
 from trainer.schedule import learning_rate
-from trainer.schema import ConfigError
+from trainer.schema import ConfigError, to_dict
 from trainer.step import TrainStep
 
 
@@ -75,10 +76,51 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(config.model, config.train.seq_length, padded)
         self.peak_flops = peak_flops_per_device(config.run.peak_tflops) * world
         self.step = 0
+        self.checkpointer = Checkpointer(
+            config.checkpoint,
+            config.run.dir,
+            self.dims,
+            self.step_fn,
+            self.data.vocab_size,
+            config.parallel.timeout_minutes,
+        )
+        if config.checkpoint.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint, whichever layout saved it."""
+        found = [self.checkpointer.find() if self.dims.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank takes rank 0's choice
+        if found[0] is None:
+            return
+        resumed = self.checkpointer.load(found[0])
+        self.step = resumed.step
+        self.data.sampler.load_state_dict(resumed.state["sampler"])
+        if self.is_logger:
+            saved = resumed.state["layout"]
+            print(
+                f"stalwart: resumed from {resumed.path} (step {resumed.step}, saved at tp{saved['tp']} "
+                f"pp{saved['pp']} dp{saved['dp']})",
+                flush=True,
+            )
+            for reason in resumed.skipped:
+                print(f"stalwart: skipped newer checkpoint {reason}", flush=True)
+
+    def save_checkpoint(self) -> None:
+        run_state = {
+            "sampler": self.data.sampler.state_dict(),
+            "consumed_tokens": self.data.sampler.state_dict()["consumed_samples"] * self.config.train.seq_length,
+            "config": to_dict(self.config),
+        }
+        self.checkpointer.save(self.step, run_state)
+
+    def _checkpoint_due(self) -> bool:
+        interval = self.config.checkpoint.interval
+        return bool(interval) and (self.step % interval == 0 or self.step == self.config.train.steps)
 
     def fit(self) -> None:
         cfg = self.config.train
-        log = MetricsLog(self.run_dir / "metrics.jsonl", resumed=self.step > 0) if self.is_logger else None
+        log = MetricsLog(self.run_dir / "metrics.jsonl", start_step=self.step) if self.is_logger else None
         progress = Progress(cfg.steps, self.step, enabled=self.is_logger and self.config.run.progress)
         try:
             while self.step < cfg.steps:
@@ -87,6 +129,8 @@ class Trainer:
                     record["val_loss"] = self.evaluate()
                 if log and (self.step % cfg.log_interval == 0 or "val_loss" in record):
                     log.write(record)
+                if self._checkpoint_due():
+                    self.save_checkpoint()
                 progress.update(record)
         finally:
             progress.close()

@@ -52,13 +52,17 @@ def _measured_cpu_matmul_flops(n: int = 512, repeats: int = 8) -> float:
 class MetricsLog:
     """One JSON object per line in run_dir/metrics.jsonl (rank 0 only).
 
-    A run that starts from step 0 replaces the file; a resumed run appends to it.
+    A run that starts at step 0 replaces the file; a run resumed at step S keeps the lines
+    of steps up to S (later ones were lost with the crash and are trained again) and appends.
     """
 
-    def __init__(self, path: Path, resumed: bool):
+    def __init__(self, path: Path, start_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("a" if resumed else "w", buffering=1)
+        kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step and path.exists() else []
+        self._file = path.open("w", buffering=1)
+        for record in kept:
+            self.write(record)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

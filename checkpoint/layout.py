@@ -1,0 +1,117 @@
+"""How a rank's piece of a parameter maps onto the logical (global, unpadded) tensor.
+
+Pure functions shared by saving and loading, by checkpoints and snapshots: a save maps
+local pieces to global regions, a load on any other layout maps the new local pieces back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """What a checkpoint must know about one logical tensor to place any rank's piece of it."""
+
+    shape: tuple[int, ...]
+    """Global shape without vocabulary padding."""
+    tp_dim: int | None = None
+    """Dimension split over tensor-parallel ranks; None when every TP rank holds all of it."""
+    gate_up: bool = False
+    """SwiGLU's fused fc1: [gate; up] along tp_dim, and each TP rank holds [gate_r; up_r]."""
+    padded_rows: int | None = None
+    """For vocabulary-sized tensors: rows including padding (dim 0); None otherwise."""
+
+    def to_attrs(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "tp_dim": self.tp_dim,
+            "gate_up": self.gate_up,
+            "padded_rows": self.padded_rows,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> TensorLayout:
+        return cls(tuple(attrs["shape"]), attrs["tp_dim"], attrs["gate_up"], attrs["padded_rows"])
+
+
+def local_shape(layout: TensorLayout, tp: int) -> tuple[int, ...]:
+    """Shape of one TP rank's piece (vocabulary padding included)."""
+    shape = list(layout.shape)
+    if layout.padded_rows is not None:
+        shape[0] = layout.padded_rows
+    if layout.tp_dim is not None:
+        shape[layout.tp_dim] //= tp
+    return tuple(shape)
+
+
+def chunk_shape(layout: TensorLayout, tp: int) -> tuple[int, ...]:
+    """A chunk grid in which every TP rank's piece covers whole chunks (one writer per chunk)."""
+    shape = list(local_shape(layout, tp))
+    if layout.gate_up:
+        shape[layout.tp_dim] //= 2
+    return tuple(max(1, n) for n in shape)
+
+
+def tp_regions(layout: TensorLayout, tp_rank: int, tp: int) -> list[tuple[Region, Region]]:
+    """(global region, local region) pairs that together make up one TP rank's piece.
+
+    Vocabulary padding rows are left out: they belong to no global region.
+    """
+    full = tuple(slice(0, n) for n in local_shape(layout, tp))
+    if layout.tp_dim is None:
+        pairs = [(full, full)]
+    elif layout.gate_up:
+        half = local_shape(layout, tp)[layout.tp_dim] // 2
+        global_half = layout.shape[layout.tp_dim] // 2
+        pairs = [
+            (_along(full, layout.tp_dim, start + tp_rank * half, half), _along(full, layout.tp_dim, local, half))
+            for start, local in ((0, 0), (global_half, half))
+        ]
+    else:
+        size = local_shape(layout, tp)[layout.tp_dim]
+        pairs = [(_along(full, layout.tp_dim, tp_rank * size, size), full)]
+    return [clipped for pair in pairs if (clipped := _clip_rows(pair, layout))]
+
+
+def padding_region(layout: TensorLayout, tp_rank: int, tp: int) -> tuple[Region, Region] | None:
+    """(region of the padding array, local region) for the padding rows this TP rank holds."""
+    if layout.padded_rows is None or layout.padded_rows == layout.shape[0]:
+        return None
+    rows = local_shape(layout, tp)[0]
+    start = tp_rank * rows if layout.tp_dim == 0 else 0
+    first, last = max(start, layout.shape[0]), start + rows
+    if first >= last:
+        return None
+    rest = tuple(slice(0, n) for n in local_shape(layout, tp)[1:])
+    pad_start = first - layout.shape[0]
+    return (slice(pad_start, pad_start + last - first), *rest), (slice(first - start, rows), *rest)
+
+
+def padding_shape(layout: TensorLayout) -> tuple[int, ...]:
+    rows = (layout.padded_rows or layout.shape[0]) - layout.shape[0]
+    return (rows, *layout.shape[1:])
+
+
+def _along(full: Region, dim: int, start: int, size: int) -> Region:
+    region = list(full)
+    region[dim] = slice(start, start + size)
+    return tuple(region)
+
+
+def _clip_rows(pair: tuple[Region, Region], layout: TensorLayout) -> tuple[Region, Region] | None:
+    """Drop the rows of a (global, local) pair that fall in the vocabulary padding."""
+    global_region, local_region = pair
+    rows = global_region[0]
+    keep = min(rows.stop, layout.shape[0]) - rows.start
+    if keep <= 0:
+        return None
+    if keep == rows.stop - rows.start:
+        return pair
+    local_rows = local_region[0]
+    return (
+        (slice(rows.start, rows.start + keep), *global_region[1:]),
+        (slice(local_rows.start, local_rows.start + keep), *local_region[1:]),
+    )

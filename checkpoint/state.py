@@ -1,0 +1,251 @@
+"""Collecting a rank's training state as pieces of logical tensors, and putting it back.
+
+One path for checkpoints and snapshots: model weights and every optimizer state (read
+from the optimizer, not assumed to be Adam's) become `Piece`s - a rank's full TP piece
+of one logical tensor plus the `TensorLayout` that places it. The same layouts place the
+pieces of any other layout on load.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from checkpoint.layout import TensorLayout
+from parallel.dims import ParallelDims
+from trainer.model import global_param_name
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    """Logical tensor, e.g. `model/decoder.layers.3.mlp.linear_fc1.weight` or `optim/exp_avg/...`."""
+    layout: TensorLayout
+    local: torch.Tensor
+    """This rank's whole TP piece, vocabulary padding included."""
+    writes: bool
+    """Whether this rank is the single writer of this piece (others hold replicas)."""
+
+
+@dataclass(frozen=True)
+class ModelParam:
+    name: str
+    """Name in the whole model (global layer index)."""
+    param: torch.nn.Parameter
+    layout: TensorLayout
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP and Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def param_layout(name: str, param: torch.Tensor, tp: int, vocab_size: int) -> TensorLayout:
+    tp_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    shape = list(param.shape)
+    if tp_dim is not None:
+        shape[tp_dim] *= tp
+    padded_rows = None
+    if name in VOCAB_PARAMS:
+        padded_rows, shape[0] = shape[0], vocab_size
+    return TensorLayout(tuple(shape), tp_dim, name.endswith("mlp.linear_fc1.weight"), padded_rows)
+
+
+def model_params(chunks: list[torch.nn.Module], tp: int, vocab_size: int) -> list[ModelParam]:
+    params = []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for local_name, param in model.named_parameters():
+            name = global_param_name(model, local_name)
+            params.append(ModelParam(name, param, param_layout(name, param, tp, vocab_size)))
+    return params
+
+
+def writer_dp_rank(name: str, dp: int) -> int:
+    """The DP rank that writes a tensor: spread by name so that every DP rank writes a share."""
+    return zlib.crc32(name.encode()) % dp
+
+
+def is_writer(name: str, layout: TensorLayout, dims: ParallelDims) -> bool:
+    replicated_over_tp = layout.tp_dim is None
+    return dims.dp_rank == writer_dp_rank(name, dims.dp) and (not replicated_over_tp or dims.tp_rank == 0)
+
+
+def model_pieces(params: list[ModelParam], dims: ParallelDims) -> list[Piece]:
+    return [Piece(f"model/{p.name}", p.layout, p.param.detach(), is_writer(p.name, p.layout, dims)) for p in params]
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer state
+
+
+def optimizer_step_count(optimizer) -> int:
+    """Optimizer updates taken so far, as recorded by the optimizer's own state."""
+    for inner in _inner_optimizers(optimizer):
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+    return 0
+
+
+def optimizer_pieces(optimizer, params: list[ModelParam], dims: ParallelDims) -> Iterator[Piece]:
+    """Main (fp32) weights and every per-parameter optimizer state, as pieces of logical tensors.
+
+    With the distributed optimizer each DP rank holds flat sub-ranges of parameters; they are
+    gathered over DP one bucket at a time, so memory stays bounded by the bucket size.
+    """
+    by_param = {p.param: p for p in params}
+    for inner in _inner_optimizers(optimizer):
+        if _is_distributed(inner):
+            yield from _distributed_pieces(inner, by_param, dims)
+        else:
+            for model_param, states in _replicated_states(inner):
+                p = by_param[model_param]
+                for key, tensor in states.items():
+                    name = f"optim/{key}/{p.name}"
+                    yield Piece(
+                        name, p.layout, tensor.detach().view(model_param.shape), is_writer(p.name, p.layout, dims)
+                    )
+
+
+def optimizer_state_keys(optimizer) -> list[str]:
+    """Names of the per-element states the optimizer keeps, plus "param" for the main weights."""
+    for inner in _inner_optimizers(optimizer):
+        if _is_distributed(inner):
+            return sorted(_per_element_states(inner, next(iter(_owned_params(inner)))))
+        for _, states in _replicated_states(inner):
+            return sorted(states)
+    return ["param"]
+
+
+def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: ParallelDims, step: int) -> None:
+    """Fill main weights and optimizer states through `reader.read_into` (any saved layout)."""
+    by_param = {p.param: p for p in params}
+    keys = reader.optimizer_state_keys
+    for inner in _inner_optimizers(optimizer):
+        if _is_distributed(inner):
+            _ensure_distributed_state(inner)
+            for model_param in _owned_params(inner):
+                p = by_param[model_param]
+                sub = inner._get_model_param_range_map(model_param)["param"]
+                flat = {}
+                for key in keys:
+                    full = torch.zeros(model_param.shape, dtype=torch.float32, device=dims.device)
+                    reader.read_into(f"optim/{key}/{p.name}", p.layout, full, dims.tp_rank, dims.tp)
+                    flat[key] = full.flatten()[sub.start : sub.end]
+                _set_distributed_states(inner, model_param, flat, step)
+        else:
+            for model_param, main in _main_params(inner):
+                p = by_param[model_param]
+                state = inner.optimizer.state.setdefault(main, {})
+                for key in keys:
+                    target = main if key == "param" else state.setdefault(key, torch.zeros_like(main))
+                    reader.read_into(f"optim/{key}/{p.name}", p.layout, target, dims.tp_rank, dims.tp)
+                state["step"] = torch.tensor(float(step))
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(inner) -> bool:
+    return hasattr(inner, "gbuf_ranges")
+
+
+def _main_params(inner) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(model param, fp32 main param) for the non-distributed megatron optimizers."""
+    if hasattr(inner, "float16_groups"):  # Float16OptimizerWithFloat16Params
+        for model_group, main_group in zip(inner.float16_groups, inner.fp32_from_float16_groups, strict=True):
+            yield from zip(model_group, main_group, strict=True)
+        for group in inner.fp32_from_fp32_groups:
+            for param in group:
+                yield param, param
+    else:  # FP32Optimizer: the model params are the main params
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                yield param, param
+
+
+def _replicated_states(inner) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
+    for model_param, main in _main_params(inner):
+        state = inner.optimizer.state.get(main, {})
+        per_element = {k: v for k, v in state.items() if torch.is_tensor(v) and v.numel() == main.numel()}
+        yield model_param, {"param": main, **per_element}
+
+
+def _owned_params(inner) -> Iterator[torch.nn.Parameter]:
+    for gbuf_range_maps in inner.gbuf_ranges:
+        for bucket_maps in gbuf_range_maps.values():
+            for bucket_map in bucket_maps:
+                yield from bucket_map["param_map"]
+
+
+def _per_element_states(inner, model_param) -> dict[str, torch.Tensor]:
+    tensors = inner._get_main_param_and_optimizer_states(model_param)
+    return {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.dim() > 0}
+
+
+def _distributed_pieces(inner, by_param: dict, dims: ParallelDims) -> Iterator[Piece]:
+    group = inner.data_parallel_group
+    for gbuf_index, gbuf_range_maps in enumerate(inner.gbuf_ranges):
+        buffer = inner.buffers[gbuf_index]
+        for bucket_maps in gbuf_range_maps.values():
+            for bucket_index, bucket_map in enumerate(bucket_maps):
+                bucket = buffer.buckets[bucket_index]
+                gathered = _gather_bucket(inner, bucket_map, bucket.grad_data.numel(), group, dims)
+                for model_param in bucket.params_list:
+                    p = by_param[model_param]
+                    start, end, _ = buffer.param_index_map[model_param]
+                    start, end = start - bucket.offset, end - bucket.offset
+                    writes = is_writer(p.name, p.layout, dims)
+                    for key, flat in gathered.items():
+                        yield Piece(f"optim/{key}/{p.name}", p.layout, flat[start:end].view(model_param.shape), writes)
+
+
+def _gather_bucket(inner, bucket_map: dict, bucket_numel: int, group, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    """Every DP rank's owned slice of one bucket, for each state, gathered onto every DP rank."""
+    shard_numel = bucket_numel // dims.dp
+    keys = _state_keys_of_bucket(inner, bucket_map)
+    gathered = {}
+    for key in keys:
+        shard = torch.zeros(shard_numel, dtype=torch.float32, device=dims.device)
+        for model_param, ranges in bucket_map["param_map"].items():
+            local = ranges["gbuf_local"]
+            shard[local.start : local.end].copy_(_per_element_states(inner, model_param)[key])
+        full = torch.empty(shard_numel * dims.dp, dtype=torch.float32, device=dims.device)
+        dist.all_gather_into_tensor(full, shard, group=group)
+        gathered[key] = full
+    return gathered
+
+
+def _state_keys_of_bucket(inner, bucket_map: dict) -> list[str]:
+    """State names, agreed by all DP ranks even when some own nothing in this bucket."""
+    for model_param in bucket_map["param_map"]:
+        return sorted(_per_element_states(inner, model_param))
+    return sorted(_per_element_states(inner, next(iter(_owned_params(inner)))))
+
+
+def _ensure_distributed_state(inner) -> None:
+    """A fresh distributed optimizer has no Adam state yet; create it so that it can be filled."""
+    params = [p for group in inner.optimizer.param_groups for p in group["params"]]
+    if params and not inner.optimizer.state.get(params[0]):
+        inner._init_optimizer_states_with_dummy_values()
+
+
+def _set_distributed_states(inner, model_param, flat: dict[str, torch.Tensor], step: int) -> None:
+    group_index, group_order = inner.model_param_group_index_map[model_param]
+    main = inner.optimizer.param_groups[group_index]["params"][group_order]
+    main.data.copy_(flat["param"])
+    state = inner.optimizer.state[main]
+    for key, value in flat.items():
+        if key != "param":
+            state[key].copy_(value)
+    state["step"] = torch.tensor(float(step))

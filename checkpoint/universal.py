@@ -1,0 +1,256 @@
+"""The universal checkpoint on disk: one zarr v3 array per logical tensor, and its commit protocol.
+
+Layout of one checkpoint (see docs/checkpoint-format.md):
+
+    CKPT_DIR/step_000000100/
+        zarr.json                          root group; attrs: format, version
+        model/<param>                      global, unpadded weights (float32)
+        model/<param>.vocab_padding        the padding rows of vocabulary-sized tensors
+        optim/<state>/<param>              fp32 main weights ("param") and optimizer states
+        state.json                         step, sampler, config, layout (rank 0)
+        rng/rank_00000.json                each rank's RNG states
+        manifest.json                      written last: the checkpoint is complete
+    CKPT_DIR/latest                        name of the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+
+from checkpoint.layout import TensorLayout, chunk_shape, padding_region, padding_shape, tp_regions
+from checkpoint.state import Piece
+
+FORMAT = "stalwart-universal"
+VERSION = 1
+PADDING_SUFFIX = ".vocab_padding"
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted, or does not fit the model."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def create_arrays(root: Path, pieces: list[Piece], tp: int) -> None:
+    """Create the metadata of the arrays this rank is the first writer of (before any chunk)."""
+    group = zarr.open_group(root, mode="a")
+    for piece in pieces:
+        attrs = {"layout": piece.layout.to_attrs(), "saved_tp": tp}
+        _create(group, piece.name, piece.layout.shape, chunk_shape(piece.layout, tp), attrs)
+        if padding_shape(piece.layout)[0]:
+            rows = padding_shape(piece.layout)
+            _create(group, piece.name + PADDING_SUFFIX, rows, (1, *rows[1:]), {"padding_of": piece.name})
+
+
+def _create(group, name: str, shape, chunks, attrs: dict) -> None:
+    group.create_array(
+        name,
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype="float32",
+        serializer=BytesCodec(),
+        compressors=[Crc32cCodec()],  # a checksum per chunk, verified on every read
+        fill_value=0.0,
+        attributes=attrs,
+        overwrite=True,
+    )
+
+
+def write_pieces(root: Path, pieces: list[Piece], tp_rank: int, tp: int) -> dict[str, list[str]]:
+    """Write this rank's regions of each piece; returns {array: [chunk keys written]} (fsynced)."""
+    written: dict[str, list[str]] = {}
+    for piece in pieces:
+        local = piece.local.detach().to("cpu", torch.float32).numpy()
+        array = zarr.open_array(root / piece.name, mode="r+")
+        for global_region, local_region in tp_regions(piece.layout, tp_rank, tp):
+            array[global_region] = local[local_region]
+            written.setdefault(piece.name, []).extend(_chunk_keys(array, global_region))
+        pad = padding_region(piece.layout, tp_rank, tp)
+        if pad:
+            name = piece.name + PADDING_SUFFIX
+            padding = zarr.open_array(root / name, mode="r+")
+            padding[pad[0]] = local[pad[1]]
+            written.setdefault(name, []).extend(_chunk_keys(padding, pad[0]))
+    for name, keys in written.items():
+        for key in keys:
+            _fsync_file(root / name / key)
+    return written
+
+
+def _chunk_keys(array, region: tuple[slice, ...]) -> list[str]:
+    """Keys of the chunks that `region` covers (regions are aligned to the chunk grid)."""
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, array.chunks, strict=True)]
+    encode = array.metadata.chunk_key_encoding.encode_chunk_key
+    return [encode(index) for index in itertools.product(*ranges)]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """write-temp, fsync, rename, fsync the directory: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def commit(ckpt_dir: Path, root: Path, reports: list[dict[str, list[str]]], step: int) -> None:
+    """Rank 0, after every rank reported durable writes: manifest last, then `latest`."""
+    chunks: dict[str, set[str]] = {}
+    for report in reports:
+        for name, keys in report.items():
+            chunks.setdefault(name, set()).update(keys)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "arrays": {name: sorted(keys) for name, keys in sorted(chunks.items())},
+    }
+    write_json_atomic(root / "manifest.json", manifest)
+    latest = ckpt_dir / "latest"
+    tmp = ckpt_dir / ".latest.tmp"
+    tmp.write_text(root.name + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, latest)
+    _fsync_dir(ckpt_dir)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and reading
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    step: int
+    skipped: list[str]
+    """Why newer checkpoints were not taken."""
+
+
+def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint directory, complete or not, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    return [(step, path) for step, path in _step_dirs(ckpt_dir) if _completeness_problem(path) is None]
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Found | None:
+    """The newest complete checkpoint; incomplete newer ones are skipped with a reason."""
+    skipped = []
+    for step, path in reversed(_step_dirs(ckpt_dir)):
+        problem = _completeness_problem(path)
+        if problem is None:
+            return Found(path, step, skipped)
+        skipped.append(f"{path.name}: {problem}")
+    return None
+
+
+def _completeness_problem(path: Path) -> str | None:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is not valid JSON"
+    for name, keys in manifest["arrays"].items():
+        missing = [k for k in keys if not (path / name / k).is_file()]
+        if missing:
+            return f"tensor {name} is missing chunk {missing[0]}"
+    if not (path / "state.json").is_file():
+        return "no state.json"
+    return None
+
+
+class CheckpointReader:
+    """Reads the pieces a rank of any layout needs, chunk by chunk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest = json.loads((path / "manifest.json").read_text())
+        self.state = json.loads((path / "state.json").read_text())
+        self.arrays = set(self.manifest["arrays"])
+
+    @property
+    def optimizer_state_keys(self) -> list[str]:
+        return sorted({name.split("/")[1] for name in self.arrays if name.startswith("optim/")})
+
+    def read_into(self, name: str, layout: TensorLayout, out: torch.Tensor, tp_rank: int, tp: int) -> None:
+        """Fill this rank's piece `out` of tensor `name`; padding rows keep their value if not saved."""
+        if name not in self.arrays:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name}")
+        array = zarr.open_array(self.path / name, mode="r")
+        saved = TensorLayout.from_attrs(array.attrs["layout"])
+        if saved.shape != layout.shape:
+            raise CheckpointError(
+                f"tensor {name}: checkpoint shape {saved.shape} does not match the model's {layout.shape}"
+            )
+        staging = out.detach().to("cpu", torch.float32).numpy().copy()
+        for global_region, local_region in tp_regions(layout, tp_rank, tp):
+            staging[local_region] = self._read_region(array, name, global_region)
+        pad = padding_region(layout, tp_rank, tp)
+        padding_name = name + PADDING_SUFFIX
+        if pad and padding_name in self.arrays and saved.padded_rows == layout.padded_rows:
+            padding = zarr.open_array(self.path / padding_name, mode="r")
+            staging[pad[1]] = self._read_region(padding, padding_name, pad[0])
+        out.data.copy_(torch.from_numpy(staging).view(out.shape).to(out.dtype))
+
+    def _read_region(self, array, name: str, region: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return array[region]
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            bad = _first_corrupted_chunk(array, region)
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name} chunk {bad} failed its checksum (corrupted on disk)"
+            ) from None
+
+
+def _first_corrupted_chunk(array, region: tuple[slice, ...]) -> str:
+    for key in _chunk_keys(array, region):
+        index = tuple(int(i) for i in key.split("/")[1:])
+        chunk = tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape, strict=True)
+        )
+        try:
+            array[chunk]
+        except ValueError:
+            return key
+    return "?"
