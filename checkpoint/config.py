@@ -19,11 +19,15 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (None: none)."""
     resume: bool = True
     """Resume from the newest complete checkpoint in `dir` when there is one."""
+    staging_mb: int = 256
+    """Host memory per rank for staging a checkpoint (a shared-memory ring; saving waits when it is full)."""
 
     def validate(self) -> None:
         if self.interval < 0:
             raise ConfigError("checkpoint.interval", f"must be >= 0, got {self.interval}")
         if self.keep < 1:
             raise ConfigError("checkpoint.keep", f"must be >= 1, got {self.keep}")
+        if self.staging_mb < 1:
+            raise ConfigError("checkpoint.staging_mb", f"must be >= 1, got {self.staging_mb}")
         if self.keep_every is not None and self.keep_every < 1:
             raise ConfigError("checkpoint.keep_every", f"must be >= 1 or null, got {self.keep_every}")

@@ -6,6 +6,7 @@ local pieces to global regions, a load on any other layout maps the new local pi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 Region = tuple[slice, ...]
@@ -47,12 +48,25 @@ def local_shape(layout: TensorLayout, tp: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def chunk_shape(layout: TensorLayout, tp: int) -> tuple[int, ...]:
-    """A chunk grid in which every TP rank's piece covers whole chunks (one writer per chunk)."""
-    shape = list(local_shape(layout, tp))
+def chunk_shape(layout: TensorLayout, tp: int, max_chunk_bytes: int = 64 << 20) -> tuple[int, ...]:
+    """A chunk grid in which every TP rank's piece covers whole chunks (one writer per chunk).
+
+    Chunks are the piece (or each half of a fused gate/up piece), cut along dim 0 into an
+    exact divisor of its rows so that no chunk exceeds `max_chunk_bytes` of float32: the
+    unit of staging and of writing stays small whatever the size of the tensor.
+    """
+    shape = [max(1, n) for n in local_shape(layout, tp)]
     if layout.gate_up:
         shape[layout.tp_dim] //= 2
-    return tuple(max(1, n) for n in shape)
+    row_bytes = 4 * math.prod(shape[1:])
+    max_rows = max(1, max_chunk_bytes // row_bytes)
+    shape[0] = max(d for d in _divisors(shape[0]) if d <= max_rows)
+    return tuple(shape)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def tp_regions(layout: TensorLayout, tp_rank: int, tp: int) -> list[tuple[Region, Region]]:
@@ -115,3 +129,17 @@ def _clip_rows(pair: tuple[Region, Region], layout: TensorLayout) -> tuple[Regio
         (slice(rows.start, rows.start + keep), *global_region[1:]),
         (slice(local_rows.start, local_rows.start + keep), *local_region[1:]),
     )
+
+
+def split_rows(pair: tuple[Region, Region], rows_per_chunk: int) -> list[tuple[Region, Region]]:
+    """Cut a (global, local) region pair along dim 0 at the chunk grid: one pair per chunk."""
+    global_region, local_region = pair
+    rows, local_rows = global_region[0], local_region[0]
+    out = []
+    for start in range(rows.start, rows.stop, rows_per_chunk):
+        stop = min(start + rows_per_chunk, rows.stop)
+        offset = local_rows.start + start - rows.start
+        out.append(
+            ((slice(start, stop), *global_region[1:]), (slice(offset, offset + stop - start), *local_region[1:]))
+        )
+    return out

@@ -15,10 +15,10 @@ import torch.distributed as dist
 import zarr
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.retention import checkpoints_to_delete
+from checkpoint.engine import CheckpointEngine
+from checkpoint.layout import TensorLayout
 from checkpoint.state import (
     ModelParam,
-    Piece,
     is_writer,
     load_optimizer_state,
     model_params,
@@ -31,14 +31,12 @@ from checkpoint.universal import (
     VERSION,
     CheckpointReader,
     Found,
-    commit,
-    complete_checkpoints,
     create_arrays,
     find_resume_checkpoint,
     step_dir_name,
     write_json_atomic,
-    write_pieces,
 )
+from checkpoint.writer import FinishStep
 from parallel.dims import ParallelDims
 
 
@@ -62,12 +60,13 @@ class Checkpointer:
         self.params: list[ModelParam] = model_params(step_fn.model, dims.tp, vocab_size)
         # Checkpoint traffic gets its own group and timeout, apart from training's collectives.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        self.timeout_minutes = timeout_minutes
+        self.engine = CheckpointEngine(config.staging_mb << 20)
 
     # -- saving ------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def save(self, step: int, run_state: dict) -> Path:
-        """Write a complete checkpoint of `step` and commit it; blocks until it is durable."""
+    def begin(self, step: int, run_state: dict) -> None:
+        """Hand a checkpoint of `step` to the engine; returns once it is being staged."""
         root = self.dir / step_dir_name(step)
         if self.dims.rank == 0:
             if root.exists():
@@ -75,34 +74,51 @@ class Checkpointer:
             zarr.open_group(root, mode="w", attributes={"format": FORMAT, "version": VERSION})
         self._barrier()
         create_arrays(root, self._arrays_this_rank_creates(), self.dims.tp)
-        self._barrier()
-        reports = {}
-        for piece in [*model_pieces(self.params, self.dims), *self._optimizer_pieces()]:
-            if piece.writes:
-                reports.update(write_pieces(root, [piece], self.dims.tp_rank, self.dims.tp))
-        self._write_rng(root)
         if self.dims.rank == 0:
             write_json_atomic(root / "state.json", {**run_state, "step": step, "layout": self._layout()})
-        all_reports = [None] * self.dims.world_size
-        dist.all_gather_object(all_reports, reports, group=self.group)
-        if self.dims.rank == 0:
-            commit(self.dir, root, all_reports, step)
-            self._apply_retention()
+        self._barrier()  # every array exists before any chunk is written
+        finish = FinishStep(
+            root=str(root),
+            step=step,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            rng=self._rng_state(),
+            commit=self.dims.rank == 0,
+            keep=self.config.keep,
+            keep_every=self.config.keep_every,
+            timeout_s=60.0 * self.timeout_minutes,
+        )
+        self.engine.stage(str(root), self._pieces, self.dims.tp_rank, self.dims.tp, finish)
+
+    def wait_staged(self) -> None:
+        """Before the next optimizer step: the state being saved must not change under the copy."""
+        self.engine.wait_staged()
+
+    def finish(self) -> None:
+        """Block until every checkpoint handed over is written and committed, on every rank."""
+        self.engine.wait_written(60.0 * self.timeout_minutes)
         self._barrier()
-        return root
 
-    def _optimizer_pieces(self):
-        return optimizer_pieces(self.step_fn.optimizer, self.params, self.dims)
+    def save(self, step: int, run_state: dict) -> None:
+        """A blocking save: begin, then wait for the commit."""
+        self.begin(step, run_state)
+        self.finish()
 
-    def _arrays_this_rank_creates(self) -> list:
-        """(name, layout) of arrays whose first writer is this rank: model and optimizer tensors."""
+    def close(self) -> None:
+        self.engine.close()
+
+    def _pieces(self):
+        yield from model_pieces(self.params, self.dims)
+        yield from optimizer_pieces(self.step_fn.optimizer, self.params, self.dims)
+
+    def _arrays_this_rank_creates(self) -> list[tuple[str, TensorLayout]]:
+        """Model and optimizer tensors whose first writer is this rank."""
         keys = optimizer_state_keys(self.step_fn.optimizer)
-        pieces = []
+        tensors = []
         for p in self.params:
             if is_writer(p.name, p.layout, self.dims) and self.dims.tp_rank == 0:
-                names = [f"model/{p.name}", *(f"optim/{key}/{p.name}" for key in keys)]
-                pieces += [Piece(name, p.layout, p.param, True) for name in names]
-        return pieces
+                tensors += [(f"model/{p.name}", p.layout), *((f"optim/{key}/{p.name}", p.layout) for key in keys)]
+        return tensors
 
     def _layout(self) -> dict:
         d = self.dims
@@ -116,7 +132,7 @@ class Checkpointer:
             "world_size": d.world_size,
         }
 
-    def _write_rng(self, root: Path) -> None:
+    def _rng_state(self) -> bytes:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         states = {
@@ -126,16 +142,9 @@ class Checkpointer:
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": get_cuda_rng_tracker().get_states(),
         }
-        (root / "rng").mkdir(exist_ok=True)
         buffer = io.BytesIO()
         torch.save(states, buffer)
-        path = root / "rng" / f"rank_{self.dims.rank:05d}.pt"
-        path.write_bytes(buffer.getvalue())
-
-    def _apply_retention(self) -> None:
-        steps = [step for step, _ in complete_checkpoints(self.dir)]
-        for step in checkpoints_to_delete(steps, self.config.keep, self.config.keep_every):
-            shutil.rmtree(self.dir / step_dir_name(step), ignore_errors=True)
+        return buffer.getvalue()
 
     def _barrier(self) -> None:
         dist.barrier(group=self.group)

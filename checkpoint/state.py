@@ -194,7 +194,8 @@ def _per_element_states(inner, model_param) -> dict[str, torch.Tensor]:
 
 
 def _distributed_pieces(inner, by_param: dict, dims: ParallelDims) -> Iterator[Piece]:
-    group = inner.data_parallel_group
+    # The gloo DP group, not training's: this runs in the staging thread beside training.
+    group = inner.data_parallel_group_gloo
     for gbuf_index, gbuf_range_maps in enumerate(inner.gbuf_ranges):
         buffer = inner.buffers[gbuf_index]
         for bucket_maps in gbuf_range_maps.values():
@@ -216,11 +217,11 @@ def _gather_bucket(inner, bucket_map: dict, bucket_numel: int, group, dims: Para
     keys = _state_keys_of_bucket(inner, bucket_map)
     gathered = {}
     for key in keys:
-        shard = torch.zeros(shard_numel, dtype=torch.float32, device=dims.device)
+        shard = torch.zeros(shard_numel, dtype=torch.float32)
         for model_param, ranges in bucket_map["param_map"].items():
             local = ranges["gbuf_local"]
             shard[local.start : local.end].copy_(_per_element_states(inner, model_param)[key])
-        full = torch.empty(shard_numel * dims.dp, dtype=torch.float32, device=dims.device)
+        full = torch.empty(shard_numel * dims.dp, dtype=torch.float32)
         dist.all_gather_into_tensor(full, shard, group=group)
         gathered[key] = full
     return gathered

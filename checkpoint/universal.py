@@ -21,14 +21,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from checkpoint.layout import TensorLayout, chunk_shape, padding_region, padding_shape, tp_regions
-from checkpoint.state import Piece
+
+if TYPE_CHECKING:  # the writer process imports this module and needs no torch
+    import torch
 
 FORMAT = "stalwart-universal"
 VERSION = 1
@@ -48,15 +50,15 @@ def step_dir_name(step: int) -> str:
 # Writing
 
 
-def create_arrays(root: Path, pieces: list[Piece], tp: int) -> None:
+def create_arrays(root: Path, tensors: list[tuple[str, TensorLayout]], tp: int) -> None:
     """Create the metadata of the arrays this rank is the first writer of (before any chunk)."""
     group = zarr.open_group(root, mode="a")
-    for piece in pieces:
-        attrs = {"layout": piece.layout.to_attrs(), "saved_tp": tp}
-        _create(group, piece.name, piece.layout.shape, chunk_shape(piece.layout, tp), attrs)
-        if padding_shape(piece.layout)[0]:
-            rows = padding_shape(piece.layout)
-            _create(group, piece.name + PADDING_SUFFIX, rows, (1, *rows[1:]), {"padding_of": piece.name})
+    for name, layout in tensors:
+        attrs = {"layout": layout.to_attrs(), "saved_tp": tp}
+        _create(group, name, layout.shape, chunk_shape(layout, tp), attrs)
+        if padding_shape(layout)[0]:
+            rows = padding_shape(layout)
+            _create(group, name + PADDING_SUFFIX, rows, (1, *rows[1:]), {"padding_of": name})
 
 
 def _create(group, name: str, shape, chunks, attrs: dict) -> None:
@@ -73,28 +75,7 @@ def _create(group, name: str, shape, chunks, attrs: dict) -> None:
     )
 
 
-def write_pieces(root: Path, pieces: list[Piece], tp_rank: int, tp: int) -> dict[str, list[str]]:
-    """Write this rank's regions of each piece; returns {array: [chunk keys written]} (fsynced)."""
-    written: dict[str, list[str]] = {}
-    for piece in pieces:
-        local = piece.local.detach().to("cpu", torch.float32).numpy()
-        array = zarr.open_array(root / piece.name, mode="r+")
-        for global_region, local_region in tp_regions(piece.layout, tp_rank, tp):
-            array[global_region] = local[local_region]
-            written.setdefault(piece.name, []).extend(_chunk_keys(array, global_region))
-        pad = padding_region(piece.layout, tp_rank, tp)
-        if pad:
-            name = piece.name + PADDING_SUFFIX
-            padding = zarr.open_array(root / name, mode="r+")
-            padding[pad[0]] = local[pad[1]]
-            written.setdefault(name, []).extend(_chunk_keys(padding, pad[0]))
-    for name, keys in written.items():
-        for key in keys:
-            _fsync_file(root / name / key)
-    return written
-
-
-def _chunk_keys(array, region: tuple[slice, ...]) -> list[str]:
+def chunk_keys(array, region: tuple[slice, ...]) -> list[str]:
     """Keys of the chunks that `region` covers (regions are aligned to the chunk grid)."""
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, array.chunks, strict=True)]
     encode = array.metadata.chunk_key_encoding.encode_chunk_key
@@ -134,7 +115,7 @@ def commit(ckpt_dir: Path, root: Path, reports: list[dict[str, list[str]]], step
     _fsync_dir(ckpt_dir)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -143,7 +124,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)
+    fsync_file(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +202,8 @@ class CheckpointReader:
             raise CheckpointError(
                 f"tensor {name}: checkpoint shape {saved.shape} does not match the model's {layout.shape}"
             )
+        import torch
+
         staging = out.detach().to("cpu", torch.float32).numpy().copy()
         for global_region, local_region in tp_regions(layout, tp_rank, tp):
             staging[local_region] = self._read_region(array, name, global_region)
@@ -244,7 +227,7 @@ class CheckpointReader:
 
 
 def _first_corrupted_chunk(array, region: tuple[slice, ...]) -> str:
-    for key in _chunk_keys(array, region):
+    for key in chunk_keys(array, region):
         index = tuple(int(i) for i in key.split("/")[1:])
         chunk = tuple(
             slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape, strict=True)

@@ -32,6 +32,7 @@ def main() -> None:
         try:
             trainer.checkpointer.dir = run_dir / "resaved"
             trainer.save_checkpoint()
+            trainer.checkpointer.finish()
             trainer.checkpointer.dir = run_dir / "checkpoints"
             trainer.fit()
         finally:

@@ -112,7 +112,7 @@ class Trainer:
             "consumed_tokens": self.data.sampler.state_dict()["consumed_samples"] * self.config.train.seq_length,
             "config": to_dict(self.config),
         }
-        self.checkpointer.save(self.step, run_state)
+        self.checkpointer.begin(self.step, run_state)
 
     def _checkpoint_due(self) -> bool:
         interval = self.config.checkpoint.interval
@@ -132,6 +132,7 @@ class Trainer:
                 if self._checkpoint_due():
                     self.save_checkpoint()
                 progress.update(record)
+            self.checkpointer.finish()
         finally:
             progress.close()
             if log:
@@ -146,7 +147,7 @@ class Trainer:
         indices = shard_for_rank(self.data.sampler.next_global_batch(), self.dims.dp_rank, self.dims.dp)
         batches = micro_batches(self.data.train, indices, cfg.micro_batch_size)
         start = time.perf_counter()
-        result = self.step_fn.train(batches)
+        result = self.step_fn.train(batches, before_update=self.checkpointer.wait_staged)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens_per_s = cfg.global_batch_tokens / elapsed
@@ -176,4 +177,5 @@ class Trainer:
         return float(np.mean(losses))
 
     def close(self) -> None:
+        self.checkpointer.close()
         destroy_parallel_dims()

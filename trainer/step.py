@@ -5,6 +5,7 @@ The loop (trainer/loop.py) decides when things happen; this object only knows ho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -84,13 +85,17 @@ class TrainStep:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)
 
-    def train(self, micro_batches: list[np.ndarray]) -> StepResult:
-        """Forward/backward over this rank's micro-batches, then one optimizer update."""
+    def train(self, micro_batches: list[np.ndarray], before_update: Callable[[], None] = lambda: None) -> StepResult:
+        """Forward/backward over this rank's micro-batches, then one optimizer update.
+
+        `before_update` runs between the two: the last moment the weights are unchanged.
+        """
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(micro_batches, forward_only=False)
+        before_update()
         updated, grad_norm, _ = self.optimizer.step()
         return StepResult(loss=self._global_mean(losses), grad_norm=float(grad_norm or 0.0), skipped=not updated)
 

@@ -1,0 +1,180 @@
+"""Lazy asynchronous checkpointing: stage in the background, write in another process.
+
+Parameters and optimizer state do not change between one optimizer step and the next, so
+at a checkpoint step the loop only hands over; a thread copies the state chunk by chunk
+into a fixed shared-memory ring while the next forward/backward runs, and the loop waits
+only if that copy is unfinished when the next optimizer step starts. The rank's writer
+process (checkpoint/writer.py) writes the chunks from the ring. A full ring makes the
+copy wait for the writer (back-pressure); staging memory never grows past the ring.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint.layout import chunk_shape, padding_region, split_rows, tp_regions
+from checkpoint.state import Piece
+from checkpoint.universal import PADDING_SUFFIX, CheckpointError
+from checkpoint.writer import HEADER_BYTES, ChunkWrite, FinishStep, Flush, ring_views
+
+
+class StagingRing:
+    """A fixed shared-memory byte ring; its header's freed counter is advanced by the writer."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.shm = shared_memory.SharedMemory(create=True, size=size + HEADER_BYTES)
+        os.chmod(f"/dev/shm/{self.shm.name.lstrip('/')}", 0o600)  # the job's user only
+        self.freed, self.buffer = ring_views(self.shm.buf, size)
+        self.freed[0] = 0
+        self.head = 0
+        self.peak_bytes = 0
+
+    def reserve(self, nbytes: int, writer_alive: Callable[[], bool]) -> int:
+        """Ring position for `nbytes`, waiting (never growing) while the writer frees space."""
+        if nbytes > self.size:
+            raise CheckpointError(f"a {nbytes}-byte chunk does not fit the {self.size}-byte staging ring")
+        start = self.head
+        if start % self.size + nbytes > self.size:
+            start += self.size - start % self.size  # no chunk wraps around the end
+        while start + nbytes - int(self.freed[0]) > self.size:
+            if not writer_alive():
+                raise CheckpointError("the checkpoint writer process died")
+            time.sleep(0.0005)
+        self.head = start + nbytes
+        self.peak_bytes = max(self.peak_bytes, self.head - int(self.freed[0]))
+        return start
+
+    def view(self, start: int, shape: tuple[int, ...]) -> np.ndarray:
+        offset = start % self.size
+        return self.buffer[offset : offset + 4 * int(np.prod(shape))].view(np.float32).reshape(shape)
+
+    def close(self) -> None:
+        del self.freed, self.buffer
+        self.shm.close()
+        self.shm.unlink()
+
+
+class CheckpointEngine:
+    """One per rank: a staging ring, a staging thread, and a writer process."""
+
+    def __init__(self, staging_bytes: int):
+        self.ring = StagingRing(staging_bytes)
+        self.writer, self.requests, self.replies = _start_writer(self.ring)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._flushes = 0
+
+    def writer_alive(self) -> bool:
+        return self.writer.poll() is None
+
+    def stage(
+        self, root: str, pieces: Callable[[], Iterable[Piece]], tp_rank: int, tp: int, finish: FinishStep
+    ) -> None:
+        """Start copying `pieces()` to the ring in the background; returns at once."""
+        self.wait_staged()
+        self._thread = threading.Thread(
+            target=self._stage, args=(root, pieces, tp_rank, tp, finish), name="stalwart-ckpt-stage", daemon=True
+        )
+        self._thread.start()
+
+    def _stage(self, root: str, pieces, tp_rank: int, tp: int, finish: FinishStep) -> None:
+        try:
+            with torch.no_grad():
+                for piece in pieces():
+                    if piece.writes:
+                        self._stage_piece(root, piece, tp_rank, tp)
+            self.requests.send(finish)
+        except BaseException as e:  # surfaced by wait_staged()
+            self._error = e
+
+    def _stage_piece(self, root: str, piece: Piece, tp_rank: int, tp: int) -> None:
+        rows = chunk_shape(piece.layout, tp)[0]
+        pairs = [(piece.name, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
+        padding = padding_region(piece.layout, tp_rank, tp)
+        if padding:
+            pairs.append((piece.name + PADDING_SUFFIX, padding))
+        for array, pair in pairs:
+            for global_region, local_region in split_rows(pair, rows if array == piece.name else 1):
+                source = piece.local[local_region]
+                start = self.ring.reserve(4 * source.numel(), self.writer_alive)
+                self.ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
+                region = tuple((s.start, s.stop) for s in global_region)
+                self.requests.send(ChunkWrite(root, array, region, start, tuple(source.shape)))
+
+    def wait_staged(self) -> None:
+        """Block until the last stage() has copied everything (called before an optimizer step)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_if_failed()
+
+    def wait_written(self, timeout_s: float) -> None:
+        """Block until the writer has written (and, on rank 0, committed) everything handed over."""
+        self.wait_staged()
+        self._flushes += 1
+        self.requests.send(Flush(self._flushes))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.replies.poll(0.5):
+                if not self.writer_alive():
+                    raise CheckpointError("the checkpoint writer process died")
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"the checkpoint writer did not finish in {timeout_s:.0f} s")
+                continue
+            kind, value = self.replies.recv()
+            if kind == "error":
+                raise CheckpointError(f"the checkpoint writer failed:\n{value}")
+            if value == self._flushes:
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"staging the checkpoint failed: {error}") from error
+        if not self.writer_alive():
+            raise CheckpointError("the checkpoint writer process died")
+
+    def close(self) -> None:
+        self.requests.close()  # the writer sees end-of-file and stops after its last request
+        if self.writer_alive():
+            try:
+                self.writer.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.writer.kill()
+        self.replies.close()
+        self.ring.close()
+
+
+def _start_writer(ring: StagingRing) -> tuple[subprocess.Popen, Connection, Connection]:
+    """A fresh interpreter running checkpoint.writer, talking over two inherited pipes.
+
+    Not a multiprocessing child: those re-import the trainer's main module (megatron, torch)
+    before they start, which costs seconds per rank.
+    """
+    requests_read, requests_write = os.pipe()
+    replies_read, replies_write = os.pipe()
+    command = [sys.executable, "-m", "checkpoint.writer", "--shm", ring.shm.name, "--ring-size", str(ring.size)]
+    command += ["--requests-fd", str(requests_read), "--replies-fd", str(replies_write)]
+    writer = subprocess.Popen(command, pass_fds=(requests_read, replies_write), env=_writer_env())
+    os.close(requests_read)
+    os.close(replies_write)
+    return writer, Connection(requests_write, readable=False), Connection(replies_read, writable=False)
+
+
+def _writer_env() -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

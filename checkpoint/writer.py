@@ -1,0 +1,166 @@
+"""The checkpoint writer: a separate process per rank that turns staged chunks into zarr files.
+
+It reads chunks from the shared-memory ring the trainer staged them in, writes and fsyncs
+each one, and frees its bytes in the ring. When a step's last chunk is written it leaves a
+`done/rank_R.json` marker; the writer of rank 0 waits for every marker, then commits
+(manifest, then `latest`) and applies retention. Coordination goes through files, never
+through a collective, so a dead rank or writer can only leave a checkpoint uncommitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from checkpoint.retention import checkpoints_to_delete
+from checkpoint.universal import chunk_keys, commit, complete_checkpoints, fsync_file, step_dir_name, write_json_atomic
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    root: str
+    array: str
+    region: tuple[tuple[int, int], ...]
+    ring_start: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class FinishStep:
+    root: str
+    step: int
+    rank: int
+    world_size: int
+    rng: bytes
+    commit: bool
+    """Rank 0's writer commits once every rank's marker is there."""
+    keep: int
+    keep_every: int | None
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Flush:
+    token: int
+
+
+HEADER_BYTES = 64
+"""The ring's shared memory starts with a header; its first int64 is the bytes freed so far."""
+
+
+def ring_views(buffer, ring_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(freed counter, data ring) over the shared memory of a staging ring."""
+    freed = np.ndarray((1,), dtype=np.int64, buffer=buffer)
+    ring = np.ndarray((ring_size,), dtype=np.uint8, buffer=buffer, offset=HEADER_BYTES)
+    return freed, ring
+
+
+def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connection) -> None:
+    """Handle requests until told to stop or until the trainer is gone (its pipe closes)."""
+    shm = shared_memory.SharedMemory(name=shm_name)
+    # Python 3.11 registers even an attached segment for removal at exit; the trainer owns it.
+    resource_tracker.unregister(shm._name, "shared_memory")
+    freed, ring = ring_views(shm.buf, ring_size)
+    written: dict[str, dict[str, list[str]]] = {}
+    try:
+        while (request := _next_request(requests)) is not None:
+            if isinstance(request, ChunkWrite):
+                _write_chunk(request, ring, ring_size, written)
+                freed[0] = request.ring_start + request.nbytes
+            elif isinstance(request, FinishStep):
+                _finish_step(request, written.pop(request.root, {}))
+            elif isinstance(request, Flush):
+                replies.send(("flushed", request.token))
+            else:
+                raise TypeError(f"unknown request {request!r}")
+    except Exception:  # the trainer re-raises it at its next wait
+        replies.send(("error", traceback.format_exc()))
+    finally:
+        del freed, ring
+        shm.close()
+
+
+def _next_request(requests: Connection):
+    try:
+        return requests.recv()
+    except EOFError:
+        return None
+
+
+def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict) -> None:
+    offset = request.ring_start % ring_size
+    data = ring[offset : offset + request.nbytes].view(np.float32).reshape(request.shape)
+    root = Path(request.root)
+    array = zarr.open_array(root / request.array, mode="r+")
+    region = tuple(slice(start, stop) for start, stop in request.region)
+    array[region] = data
+    for key in chunk_keys(array, region):
+        fsync_file(root / request.array / key)
+        written.setdefault(request.root, {}).setdefault(request.array, []).append(key)
+
+
+def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
+    root = Path(request.root)
+    (root / "rng").mkdir(exist_ok=True)
+    rng_path = root / "rng" / f"rank_{request.rank:05d}.pt"
+    rng_path.write_bytes(request.rng)
+    fsync_file(rng_path)
+    (root / "done").mkdir(exist_ok=True)
+    write_json_atomic(root / "done" / f"rank_{request.rank:05d}.json", report)
+    if request.commit:
+        reports = _wait_for_markers(root, request.world_size, request.timeout_s)
+        if reports is not None:
+            commit(root.parent, root, reports, request.step)
+            _apply_retention(root.parent, request.keep, request.keep_every)
+
+
+def _wait_for_markers(root: Path, world_size: int, timeout_s: float) -> list[dict] | None:
+    """Every rank's report, or None if some rank's writer did not finish in time (no commit)."""
+    deadline = time.monotonic() + timeout_s
+    paths = [root / "done" / f"rank_{rank:05d}.json" for rank in range(world_size)]
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
+    steps = [step for step, _ in complete_checkpoints(ckpt_dir)]
+    for step in checkpoints_to_delete(steps, keep, keep_every):
+        shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+
+
+def main() -> None:
+    """Entry of the writer process, started by checkpoint.engine with inherited pipe ends."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shm", required=True)
+    parser.add_argument("--ring-size", type=int, required=True)
+    parser.add_argument("--requests-fd", type=int, required=True)
+    parser.add_argument("--replies-fd", type=int, required=True)
+    args = parser.parse_args()
+    requests = Connection(args.requests_fd, writable=False)
+    replies = Connection(args.replies_fd, readable=False)
+    serve(args.shm, args.ring_size, requests, replies)
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy: requests unpickle as
+    # checkpoint.writer classes, and isinstance() must see those.
+    from checkpoint import writer
+
+    writer.main()
