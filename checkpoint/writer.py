@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 import traceback
@@ -129,11 +130,13 @@ def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
 
 
 def _wait_for_markers(root: Path, world_size: int, timeout_s: float) -> list[dict] | None:
-    """Every rank's report, or None if some rank's writer did not finish in time (no commit)."""
+    """Every rank's report, or None (no commit) if some rank's writer did not finish in time
+    or if our trainer is gone: a job that is being torn down commits nothing more."""
     deadline = time.monotonic() + timeout_s
+    trainer = os.getppid()
     paths = [root / "done" / f"rank_{rank:05d}.json" for rank in range(world_size)]
     while not all(p.is_file() for p in paths):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or os.getppid() != trainer:
             return None
         time.sleep(0.01)
     return [json.loads(p.read_text()) for p in paths]

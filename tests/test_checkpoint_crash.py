@@ -1,0 +1,132 @@
+"""Crash safety: SIGKILL a rank or a checkpoint writer at random points during saves.
+
+Ten crash-restart cycles of one run that checkpoints every step: after each kill, `latest`
+must name a complete checkpoint whose every chunk passes its checksum, and the restart must
+resume from exactly that checkpoint.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from checkpoint.universal import find_resume_checkpoint
+from tests.conftest import REPO, TINY_CONFIG, rank_env
+
+TRIALS = 10
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            try:
+                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found.append((child, cmdline))
+            stack.append(child)
+    return found
+
+
+def assert_latest_is_complete(ckpt_dir: Path) -> int | None:
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    name = latest.read_text().strip()
+    found = find_resume_checkpoint(ckpt_dir)
+    assert found is not None, "latest exists but no checkpoint is complete"
+    assert found.path.name == name, f"latest names {name} but the newest complete is {found.path.name}"
+    manifest = json.loads((found.path / "manifest.json").read_text())
+    for array in manifest["arrays"]:
+        values = zarr.open(str(found.path / array), mode="r")[...]  # every chunk's checksum is checked
+        assert np.isfinite(values).all(), array
+    return found.step
+
+
+@pytest.fixture
+def crash_config(tmp_path, small_dataset) -> Path:
+    config = {
+        **TINY_CONFIG,
+        "train": {**TINY_CONFIG["train"], "steps": 400, "eval_interval": 0},
+        "run": {**TINY_CONFIG["run"], "dir": str(tmp_path / "run")},
+        "data": {"path": small_dataset},
+        "checkpoint": {"interval": 1, "keep": 2},
+        "parallel": {"tp": 2},
+    }
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_config, tmp_path):
+    rng = random.Random(20261122)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "trainer", str(crash_config)]
+    kinds = []
+    for trial in range(TRIALS):
+        before = assert_latest_is_complete(ckpt_dir)
+        job = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=rank_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_a_new_commit(ckpt_dir, before, job, timeout=120)
+            time.sleep(rng.uniform(0.0, 1.5))
+            kind = "writer" if trial % 2 == 0 else "rank"
+            victims = [
+                p
+                for p, cmd in descendants(job.pid)
+                if ("checkpoint.writer" in cmd) == (kind == "writer")
+                and ("-m trainer" in cmd or "checkpoint.writer" in cmd)
+            ]
+            assert victims, f"no {kind} process found to kill"
+            os.kill(rng.choice(victims), signal.SIGKILL)
+            kinds.append(kind)
+            output, _ = job.communicate(timeout=120)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+        assert job.returncode != 0, "the job must fail when a rank or its writer is killed"
+        if before is not None:
+            resumed = re.search(r"resumed from \S+/step_(\d+)", output)
+            assert resumed and int(resumed.group(1)) == before, output[-2000:]
+        assert_latest_is_complete(ckpt_dir)
+    assert kinds.count("writer") == kinds.count("rank") == TRIALS // 2
+
+
+def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find_resume_checkpoint(ckpt_dir) if (ckpt_dir / "latest").exists() else None
+        if found is not None and found.step != before:
+            return
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        time.sleep(0.05)
+    pytest.fail("no checkpoint was committed in time")
