@@ -95,10 +95,10 @@ def write_json_atomic(path: Path, data) -> None:
 
 def commit(ckpt_dir: Path, root: Path, reports: list[dict[str, list[str]]], step: int) -> None:
     """Rank 0, after every rank reported durable writes: manifest last, then `latest`."""
-    chunks: dict[str, set[str]] = {}
-    for report in reports:
+    chunks: dict[str, list[str]] = {}
+    for report in reports:  # duplicates are kept: `stalwart ckpt verify` reports a chunk written twice
         for name, keys in report.items():
-            chunks.setdefault(name, set()).update(keys)
+            chunks.setdefault(name, []).extend(keys)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -139,7 +139,7 @@ class Found:
     """Why newer checkpoints were not taken."""
 
 
-def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint directory, complete or not, oldest first."""
     if not ckpt_dir.is_dir():
         return []
@@ -148,21 +148,21 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
-    return [(step, path) for step, path in _step_dirs(ckpt_dir) if _completeness_problem(path) is None]
+    return [(step, path) for step, path in step_dirs(ckpt_dir) if completeness_problem(path) is None]
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Found | None:
     """The newest complete checkpoint; incomplete newer ones are skipped with a reason."""
     skipped = []
-    for step, path in reversed(_step_dirs(ckpt_dir)):
-        problem = _completeness_problem(path)
+    for step, path in reversed(step_dirs(ckpt_dir)):
+        problem = completeness_problem(path)
         if problem is None:
             return Found(path, step, skipped)
         skipped.append(f"{path.name}: {problem}")
     return None
 
 
-def _completeness_problem(path: Path) -> str | None:
+def completeness_problem(path: Path) -> str | None:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return "no manifest.json (the save did not finish)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +45,54 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    from checkpoint.commands import list_checkpoints
+
+    rows = list_checkpoints(Path(args.run_dir))
+    if args.json:
+        print(json.dumps([vars(r) for r in rows], indent=1))
+        return 0
+    print(f"{'checkpoint':<16}{'step':>8}{'size MB':>10}  {'layout':<24}status")
+    for r in rows:
+        marker = "  <- latest" if r.latest else ""
+        print(f"{r.name:<16}{r.step:>8}{r.size_bytes / 1e6:>10.1f}  {r.layout:<24}{r.status}{marker}")
+    return 0
+
+
+def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from checkpoint.commands import inspect_checkpoint, layout_text
+
+    info = inspect_checkpoint(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    state = info["state"]
+    saved_at = layout_text(state["layout"])
+    print(f"{info['path']}: step {state['step']}, {state['consumed_tokens']:,} tokens, saved at {saved_at}")
+    print(f"{'tensor':<64}{'shape':<20}{'dtype':<9}{'tp dim':>7}")
+    for t in info["tensors"]:
+        tp_dim = t["attributes"].get("layout", {}).get("tp_dim")
+        print(f"{t['name']:<64}{'x'.join(map(str, t['shape'])):<20}{t['dtype']:<9}{str(tp_dim):>7}")
+    return 0
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from checkpoint.commands import verify_checkpoint
+
+    problems = verify_checkpoint(Path(args.path))
+    for problem in problems:
+        print(problem)
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_ckpt_export_hf(args: argparse.Namespace) -> int:
+    from checkpoint.commands import export_hf
+
+    print(f"wrote {export_hf(Path(args.path), Path(args.out))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant pre-training on megatron-core.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out")
     prepare.add_argument("--seed", type=int, default=1234)
     prepare.set_defaults(func=cmd_data_prepare)
+
+    ckpt = commands.add_parser("ckpt", help="universal checkpoints").add_subparsers(dest="ckpt_command", required=True)
+    ls = ckpt.add_parser("ls", help="list a run's checkpoints: step, size, complete or not, layout")
+    ls.add_argument("run_dir", help="run directory (or its checkpoints/ directory)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ckpt_ls)
+    inspect = ckpt.add_parser("inspect", help="tensors, shapes, dtypes and metadata of one checkpoint")
+    inspect.add_argument("path", help="a checkpoint directory, e.g. runs/demo/checkpoints/step_000000300")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_ckpt_inspect)
+    verify = ckpt.add_parser("verify", help="check every chunk once: coverage and checksums (exit 1 on problems)")
+    verify.add_argument("path")
+    verify.set_defaults(func=cmd_ckpt_verify)
+    export = ckpt.add_parser("export-hf", help="write the weights as a Hugging Face Llama checkpoint")
+    export.add_argument("path")
+    export.add_argument("out")
+    export.set_defaults(func=cmd_ckpt_export_hf)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import zarr
 
 from checkpoint.retention import checkpoints_to_delete
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import TINY_CONFIG, torchrun
+from tests.conftest import REPO, TINY_CONFIG, rank_env, run_command, torchrun
 from trainer.metrics import read_metrics
 
 # 8 heads in 4 groups so that TP4 is possible; 4 layers so that PP4 and PP2 x VPP2 are.
@@ -164,3 +165,72 @@ def test_incomplete_checkpoints_are_skipped_with_a_reason(tmp_path, runs):
 )
 def test_retention(steps, keep, keep_every, deleted):
     assert checkpoints_to_delete(steps, keep, keep_every) == deleted
+
+
+def stalwart(*args):
+    return run_command([sys.executable, "-m", "launcher.cli", *args], 120, env=rank_env(1), cwd=REPO)
+
+
+def test_ckpt_ls_lists_steps_layout_and_latest(runs):
+    root, _ = runs
+    result = stalwart("ckpt", "ls", str(root / "source"))
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(lines) == {"step_000000003", "step_000000006"}
+    assert "tp2 pp2 dp1" in lines["step_000000003"] and "complete" in lines["step_000000003"]
+    assert lines["step_000000006"].endswith("<- latest")
+
+
+def test_ckpt_inspect_shows_tensors_with_shapes(runs):
+    root, _ = runs
+    result = stalwart("ckpt", "inspect", str(root / "source" / "checkpoints" / "step_000000003"), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    tensors = {t["name"]: t for t in info["tensors"]}
+    assert tensors["model/decoder.layers.0.mlp.linear_fc2.weight"]["shape"] == [64, 176]
+    assert tensors["model/decoder.layers.0.mlp.linear_fc2.weight"]["attributes"]["layout"]["tp_dim"] == 1
+    assert info["state"]["step"] == 3
+
+
+def test_ckpt_verify_passes_a_sound_checkpoint_and_names_every_problem(runs, tmp_path):
+    root, _ = runs
+    good = root / "source" / "checkpoints" / "step_000000006"
+    assert stalwart("ckpt", "verify", str(good)).returncode == 0
+    bad = tmp_path / "step_000000006"
+    shutil.copytree(good, bad)
+    flipped = bad / "optim" / "exp_avg" / "decoder.layers.2.mlp.linear_fc2.weight" / "c" / "0" / "0"
+    data = bytearray(flipped.read_bytes())
+    data[7] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    (bad / "model" / "embedding.word_embeddings.weight" / "c" / "0" / "0").unlink()
+    result = stalwart("ckpt", "verify", str(bad))
+    assert result.returncode == 1
+    assert "tensor optim/exp_avg/decoder.layers.2.mlp.linear_fc2.weight chunk c/0/0: checksum mismatch" in result.stdout
+    assert "tensor model/embedding.word_embeddings.weight chunk c/0/0: missing on disk" in result.stdout
+
+
+def test_export_hf_gives_a_llama_that_reproduces_our_loss(runs, tmp_path, small_dataset):
+    """The exported weights, run by Hugging Face's Llama, give the loss we logged for step 4."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trainer.data import GlobalBatchSampler, TokenWindows
+
+    root, config_path = runs
+    result = stalwart(
+        "ckpt", "export-hf", str(root / "source" / "checkpoints" / "step_000000003"), str(tmp_path / "hf")
+    )
+    assert result.returncode == 0, result.stderr
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32, attn_implementation="eager")
+    config = yaml.safe_load(config_path.read_text())
+    assert model.config.vocab_size % 128 == 0, "with vocabulary padding the two softmaxes would differ"
+    windows = TokenWindows(small_dataset, "train", config["train"]["seq_length"])
+    sampler = GlobalBatchSampler(len(windows), 16, config["train"].get("seed", 1234))
+    for _ in range(3):
+        sampler.next_global_batch()
+    batch = torch.from_numpy(np.stack([windows[int(i)] for i in sampler.next_global_batch()]))
+    with torch.no_grad():
+        logits = model(input_ids=batch[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+    logged = losses(root / "source")[4]
+    assert abs(loss - logged) <= 1e-4 * logged, (loss, logged)

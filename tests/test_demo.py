@@ -57,3 +57,19 @@ def test_validation_loss_decreases(demo_run):
     run_dir, _, _ = demo_run
     val = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
     assert val[-1] < val[0] - 0.5, val
+
+
+def test_demo_checkpoints_and_stalwart_run_resumes_from_them(demo_run):
+    run_dir, config, _ = demo_run
+    ckpt_dir = run_dir / "checkpoints"
+    assert (ckpt_dir / "latest").read_text().strip() == "step_000000300"
+    assert sorted(p.name for p in ckpt_dir.glob("step_*")) == ["step_000000200", "step_000000300"]  # keep: 2
+    workdir = run_dir.parent.parent
+    stalwart = shutil.which("stalwart", path=str(Path(sys.executable).parent)) or shutil.which("stalwart")
+    result = run_command(
+        [stalwart, "run", "configs/demo.yaml", "--set", "train.steps=310"], timeout=300, env=rank_env(2), cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {ckpt_dir / 'step_000000300'} (step 300" in result.stdout
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 311))
