@@ -76,6 +76,11 @@ class CheckpointEngine:
         self._error: BaseException | None = None
         self._flushes = 0
 
+    def send(self, request) -> None:
+        """A request for the writer, in order with the chunks staged before and after it."""
+        self.wait_staged()
+        self.requests.send(request)
+
     def writer_alive(self) -> bool:
         return self.writer.poll() is None
 

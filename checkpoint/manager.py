@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import io
 import random
+import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +33,11 @@ from checkpoint.universal import (
     VERSION,
     CheckpointReader,
     Found,
-    create_arrays,
     find_resume_checkpoint,
     step_dir_name,
     write_json_atomic,
 )
-from checkpoint.writer import FinishStep
+from checkpoint.writer import CreateArrays, FinishStep
 from parallel.dims import ParallelDims
 
 
@@ -62,21 +63,35 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
         self.timeout_minutes = timeout_minutes
         self.engine = CheckpointEngine(config.staging_mb << 20)
+        # Names this run's saves, so that writers never mistake a leftover directory for them.
+        token = [secrets.token_hex(8) if dims.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0, group=self.group)
+        self.token = token[0]
+        self.blocked_s = 0.0
 
     # -- saving ------------------------------------------------------------------------
 
     def begin(self, step: int, run_state: dict) -> None:
         """Hand a checkpoint of `step` to the engine; returns once it is being staged."""
+        start = time.perf_counter()
+        self._begin(step, run_state)
+        self.blocked_s += time.perf_counter() - start
+
+    def _begin(self, step: int, run_state: dict) -> None:
+        # No collective here: each rank's writer creates its arrays and waits, through files in
+        # the checkpoint, until every rank's arrays exist before it writes a chunk.
         root = self.dir / step_dir_name(step)
+        timeout_s = 60.0 * self.timeout_minutes
         if self.dims.rank == 0:
             if root.exists():
                 shutil.rmtree(root)  # an unfinished earlier attempt at this step
-            zarr.open_group(root, mode="w", attributes={"format": FORMAT, "version": VERSION})
-        self._barrier()
-        create_arrays(root, self._arrays_this_rank_creates(), self.dims.tp)
-        if self.dims.rank == 0:
+            attrs = {"format": FORMAT, "version": VERSION, "writer_token": self.token}
+            zarr.open_group(root, mode="w", attributes=attrs)
             write_json_atomic(root / "state.json", {**run_state, "step": step, "layout": self._layout()})
-        self._barrier()  # every array exists before any chunk is written
+        tensors = [(name, layout.to_attrs()) for name, layout in self._arrays_this_rank_creates()]
+        self.engine.send(
+            CreateArrays(str(root), self.token, tensors, self.dims.tp, self.dims.rank, self.dims.world_size, timeout_s)
+        )
         finish = FinishStep(
             root=str(root),
             step=step,
@@ -86,13 +101,24 @@ class Checkpointer:
             commit=self.dims.rank == 0,
             keep=self.config.keep,
             keep_every=self.config.keep_every,
-            timeout_s=60.0 * self.timeout_minutes,
+            timeout_s=timeout_s,
         )
         self.engine.stage(str(root), self._pieces, self.dims.tp_rank, self.dims.tp, finish)
 
     def wait_staged(self) -> None:
         """Before the next optimizer step: the state being saved must not change under the copy."""
+        start = time.perf_counter()
         self.engine.wait_staged()
+        self.blocked_s += time.perf_counter() - start
+
+    def take_blocked_time(self) -> float:
+        """Seconds the loop spent on checkpointing since the last call (handing over + waiting)."""
+        blocked, self.blocked_s = self.blocked_s, 0.0
+        return blocked
+
+    @property
+    def staging_peak_bytes(self) -> int:
+        return self.engine.ring.peak_bytes
 
     def finish(self) -> None:
         """Block until every checkpoint handed over is written and committed, on every rank."""

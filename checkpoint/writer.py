@@ -23,8 +23,17 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from checkpoint.layout import TensorLayout
 from checkpoint.retention import checkpoints_to_delete
-from checkpoint.universal import chunk_keys, commit, complete_checkpoints, fsync_file, step_dir_name, write_json_atomic
+from checkpoint.universal import (
+    chunk_keys,
+    commit,
+    complete_checkpoints,
+    create_arrays,
+    fsync_file,
+    step_dir_name,
+    write_json_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,21 @@ class ChunkWrite:
     @property
     def nbytes(self) -> int:
         return 4 * int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class CreateArrays:
+    """Create this rank's share of a checkpoint's arrays, then mark it done in created/."""
+
+    root: str
+    token: str
+    """The root group this save belongs to carries this token (a stale directory does not)."""
+    tensors: list[tuple[str, dict]]
+    """(array name, TensorLayout attributes) of the arrays this rank creates."""
+    tp: int
+    rank: int
+    world_size: int
+    timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -77,13 +101,23 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
     resource_tracker.unregister(shm._name, "shared_memory")
     freed, ring = ring_views(shm.buf, ring_size)
     written: dict[str, dict[str, list[str]]] = {}
+    arrays: dict[tuple[str, str], zarr.Array] = {}
+    pending: dict[str, CreateArrays] = {}
     try:
         while (request := _next_request(requests)) is not None:
-            if isinstance(request, ChunkWrite):
-                _write_chunk(request, ring, ring_size, written)
+            if isinstance(request, CreateArrays):
+                _create_arrays(request)
+                pending[request.root] = request
+            elif isinstance(request, ChunkWrite):
+                if request.root in pending:  # every rank's arrays must exist before the first chunk
+                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root))
+                _write_chunk(request, ring, ring_size, written, arrays)
                 freed[0] = request.ring_start + request.nbytes
             elif isinstance(request, FinishStep):
+                if request.root in pending:
+                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root))
                 _finish_step(request, written.pop(request.root, {}))
+                arrays = {key: a for key, a in arrays.items() if key[0] != request.root}
             elif isinstance(request, Flush):
                 replies.send(("flushed", request.token))
             else:
@@ -102,11 +136,37 @@ def _next_request(requests: Connection):
         return None
 
 
-def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict) -> None:
+def _create_arrays(request: CreateArrays) -> None:
+    root = Path(request.root)
+    _wait_for_root(root, request.token, request.timeout_s)
+    tensors = [(name, TensorLayout.from_attrs(attrs)) for name, attrs in request.tensors]
+    create_arrays(root, tensors, request.tp)
+    (root / "created").mkdir(exist_ok=True)
+    write_json_atomic(root / "created" / f"rank_{request.rank:05d}.json", len(tensors))
+
+
+def _wait_for_root(root: Path, token: str, timeout_s: float) -> None:
+    """Rank 0's trainer creates the root group; a leftover from an earlier attempt has another token."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if json.loads((root / "zarr.json").read_text())["attributes"].get("writer_token") == token:
+                return
+        except (OSError, KeyError, json.JSONDecodeError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{root}: the checkpoint root group did not appear in {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
+def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict, arrays: dict) -> None:
     offset = request.ring_start % ring_size
     data = ring[offset : offset + request.nbytes].view(np.float32).reshape(request.shape)
     root = Path(request.root)
-    array = zarr.open_array(root / request.array, mode="r+")
+    key = (request.root, request.array)
+    if key not in arrays:
+        arrays[key] = zarr.open_array(root / request.array, mode="r+")
+    array = arrays[key]
     region = tuple(slice(start, stop) for start, stop in request.region)
     array[region] = data
     for key in chunk_keys(array, region):
@@ -123,20 +183,23 @@ def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
     (root / "done").mkdir(exist_ok=True)
     write_json_atomic(root / "done" / f"rank_{request.rank:05d}.json", report)
     if request.commit:
-        reports = _wait_for_markers(root, request.world_size, request.timeout_s)
+        reports = _wait_for_markers(root / "done", request, required=False)
         if reports is not None:
             commit(root.parent, root, reports, request.step)
             _apply_retention(root.parent, request.keep, request.keep_every)
 
 
-def _wait_for_markers(root: Path, world_size: int, timeout_s: float) -> list[dict] | None:
-    """Every rank's report, or None (no commit) if some rank's writer did not finish in time
-    or if our trainer is gone: a job that is being torn down commits nothing more."""
-    deadline = time.monotonic() + timeout_s
+def _wait_for_markers(directory: Path, request, required: bool = True) -> list | None:
+    """Every rank's marker in `directory`. If some rank's writer does not get there in time, or
+    our trainer is gone (a job being torn down commits nothing more): None, or an error when
+    `required`."""
+    deadline = time.monotonic() + request.timeout_s
     trainer = os.getppid()
-    paths = [root / "done" / f"rank_{rank:05d}.json" for rank in range(world_size)]
+    paths = [directory / f"rank_{rank:05d}.json" for rank in range(request.world_size)]
     while not all(p.is_file() for p in paths):
         if time.monotonic() > deadline or os.getppid() != trainer:
+            if required:
+                raise TimeoutError(f"{directory}: not every rank got there in {request.timeout_s:.0f} s")
             return None
         time.sleep(0.01)
     return [json.loads(p.read_text()) for p in paths]

@@ -127,10 +127,12 @@ class Trainer:
                 record = self._train_one_step()
                 if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
                     record["val_loss"] = self.evaluate()
-                if log and (self.step % cfg.log_interval == 0 or "val_loss" in record):
-                    log.write(record)
                 if self._checkpoint_due():
                     self.save_checkpoint()
+                # Waiting for the last copy before this step's update, plus handing this one over.
+                record["checkpoint_blocked_s"] = self.checkpointer.take_blocked_time()
+                if log and (self.step % cfg.log_interval == 0 or "val_loss" in record):
+                    log.write(record)
                 progress.update(record)
             self.checkpointer.finish()
         finally:

@@ -1,0 +1,193 @@
+"""Lazy asynchronous universal checkpoints against synchronous saving, on CPU, side by side.
+
+usage: python bench/checkpoint.py [--quick]
+
+Two ranks train the demo model (TP1 x DP2) in one launch: without checkpoints, then with a
+checkpoint every 10 steps; then the same state is saved synchronously, and loaded on the
+same layout and on TP2. The distributed optimizer is off so that both loads read the same
+state per rank (with it, each DP rank reads only the optimizer state it owns). Prints a table, then one JSON
+line with blocking_ratio, throughput_ratio, reshard_load_ratio, staging_peak_vs_bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launcher.cli import quiet_megatron_fallback_warnings  # noqa: E402
+
+quiet_megatron_fallback_warnings()
+
+INTERVAL = 10
+
+
+def steady_seconds_per_step(records: list[dict], skip: int) -> float:
+    """Wall time per step between the end of step `skip` and the end of the second-to-last step."""
+    window = records[skip:-1]
+    return (window[-1]["time"] - window[0]["time"]) / (len(window) - 1)
+
+
+def timed_loads(trainer, found, repeats: int = 3) -> float:
+    """Median wall time of loading `found` into this trainer, every rank done."""
+    import statistics
+
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        trainer.checkpointer.load(found)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(config_path: str, out: str) -> None:
+    """Rank code: the measurements, in one process group."""
+    import torch.distributed as dist
+
+    from parallel.dims import init_distributed
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+    from trainer.metrics import read_metrics
+
+    init_distributed(load_config(config_path).parallel)
+    results: dict = {}
+
+    def trainer(name: str, *sets: str) -> Trainer:
+        return Trainer(load_config(config_path, [f"run.dir={Path(out) / name}", *sets]))
+
+    plain = trainer("plain", "checkpoint.interval=0")
+    plain.fit()
+    plain.close()
+    async_run = trainer("async", f"checkpoint.interval={INTERVAL}")
+    async_run.fit()
+    results["staging_peak_bytes"] = async_run.checkpointer.staging_peak_bytes
+    results["staging_bound_bytes"] = async_run.checkpointer.engine.ring.size
+    dist.barrier()
+    start = time.perf_counter()
+    async_run.checkpointer.save(async_run.step + 1000, {"sampler": async_run.data.sampler.state_dict()})
+    results["sync_save_s"] = time.perf_counter() - start
+    found = async_run.checkpointer.find()
+    start = time.perf_counter()
+    async_run.checkpointer.load(found)
+    dist.barrier()
+    results["load_same_layout_s"] = time.perf_counter() - start
+    async_run.close()
+    other = trainer("other", "parallel.tp=2", "parallel.dp=null", "checkpoint.resume=false")
+    dist.barrier()
+    start = time.perf_counter()
+    other.checkpointer.load(found)
+    dist.barrier()
+    results["load_other_layout_s"] = time.perf_counter() - start
+    other.close()
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, results["staging_peak_bytes"])
+    if dist.get_rank() == 0:
+        results["staging_peak_bytes"] = max(peaks)
+        results["plain"] = read_metrics(Path(out) / "plain" / "metrics.jsonl")
+        results["async"] = read_metrics(Path(out) / "async" / "metrics.jsonl")
+        (Path(out) / "results.json").write_text(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller corpus")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    from tqdm import tqdm
+
+    from trainer.data import prepare_dataset, stdlib_source_dir
+
+    steps = 40 if args.quick else 80
+    with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as tmp:
+        out = Path(tmp)
+        with tqdm(total=2, desc="checkpoint bench", unit="phase") as bar:
+            sources = (
+                [stdlib_source_dir() / d for d in ("email", "json", "logging", "asyncio")] if args.quick else ["stdlib"]
+            )
+            prepare_dataset(sources, out / "data", vocab_size=2048 if args.quick else 8192, show_progress=False)
+            bar.update(1)
+            config = out / "config.yaml"
+            demo = (REPO / "configs" / "demo.yaml").read_text()
+            config.write_text(demo)
+            sets = [f"data.path={out / 'data'}", f"train.steps={steps}", "train.eval_interval=0", "run.progress=false"]
+            sets.append("parallel.distributed_optimizer=false")
+            _run_worker(config, out, sets)
+            bar.update(1)
+        results = json.loads((out / "results.json").read_text())
+    report(results, steps)
+
+
+def _run_worker(config: Path, out: Path, sets: list[str]) -> None:
+    # Overrides go into the config file: the worker reads it on every rank.
+    import yaml
+
+    from trainer.schema import apply_override
+
+    raw = yaml.safe_load(config.read_text())
+    for assignment in sets:
+        apply_override(raw, assignment)
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += [str(Path(__file__).resolve()), "--worker", str(config), str(out)]
+    subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, timeout=1800)
+
+
+def report(results: dict, steps: int) -> None:
+    plain, with_ckpt = results["plain"], results["async"]
+    checkpoints = [r for r in with_ckpt if r["step"] % INTERVAL == 0 and r["step"] < steps]
+    # What one checkpoint costs the loop: handing over at its step plus waiting before the next update.
+    blocked = [
+        r["checkpoint_blocked_s"] + nxt["checkpoint_blocked_s"]
+        for r, nxt in zip(with_ckpt, with_ckpt[1:], strict=False)
+        if r in checkpoints
+    ]
+    blocking_s = sum(blocked) / len(blocked)
+    plain_step, ckpt_step = steady_seconds_per_step(plain, 3), steady_seconds_per_step(with_ckpt, 3)
+    figures = {
+        "blocking_ratio": blocking_s / results["sync_save_s"],
+        "throughput_ratio": plain_step / ckpt_step,
+        "reshard_load_ratio": results["load_other_layout_s"] / results["load_same_layout_s"],
+        "staging_peak_vs_bound": results["staging_peak_bytes"] / results["staging_bound_bytes"],
+    }
+    print(f"\ndemo model, 2 ranks (TP1 x DP2), {steps} steps, checkpoint every {INTERVAL}")
+    rows = [
+        ("blocking per checkpoint, lazy async (s)", f"{blocking_s:.4f}", ""),
+        ("synchronous save of the same state (s)", f"{results['sync_save_s']:.4f}", ""),
+        ("  blocking_ratio", f"{figures['blocking_ratio']:.3f}", "target <= 0.05"),
+        ("step time without checkpoints (s)", f"{plain_step:.4f}", ""),
+        (f"step time with one every {INTERVAL} steps (s)", f"{ckpt_step:.4f}", ""),
+        ("  throughput_ratio", f"{figures['throughput_ratio']:.3f}", "target >= 0.97"),
+        ("load on the same layout (s)", f"{results['load_same_layout_s']:.3f}", ""),
+        ("load on TP2 (s)", f"{results['load_other_layout_s']:.3f}", ""),
+        ("  reshard_load_ratio", f"{figures['reshard_load_ratio']:.3f}", "target <= 1.2"),
+        (
+            "staging peak / bound (MiB)",
+            f"{results['staging_peak_bytes'] / 2**20:.1f} / {results['staging_bound_bytes'] / 2**20:.0f}",
+            "",
+        ),
+        ("  staging_peak_vs_bound", f"{figures['staging_peak_vs_bound']:.3f}", "must be <= 1"),
+    ]
+    for name, value, target in rows:
+        print(f"{name:<44}{value:>16}  {target}")
+    print(json.dumps({key: round(value, 4) for key, value in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
