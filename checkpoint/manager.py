@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import zarr
 
 from checkpoint.config import CheckpointConfig
 from checkpoint.engine import CheckpointEngine
@@ -33,6 +32,7 @@ from checkpoint.universal import (
     VERSION,
     CheckpointReader,
     Found,
+    create_root_group,
     find_resume_checkpoint,
     step_dir_name,
     write_json_atomic,
@@ -86,7 +86,7 @@ class Checkpointer:
             if root.exists():
                 shutil.rmtree(root)  # an unfinished earlier attempt at this step
             attrs = {"format": FORMAT, "version": VERSION, "writer_token": self.token}
-            zarr.open_group(root, mode="w", attributes=attrs)
+            create_root_group(root, attrs)
             write_json_atomic(root / "state.json", {**run_state, "step": step, "layout": self._layout()})
         tensors = [(name, layout.to_attrs()) for name, layout in self._arrays_this_rank_creates()]
         self.engine.send(

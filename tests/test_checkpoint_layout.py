@@ -70,3 +70,25 @@ def test_padding_rows_are_placed_once(tp):
             covered[region[0]] += 1
             assert region[1][0].stop - region[1][0].start == region[0][0].stop - region[0][0].start
     assert (covered == 1).all()
+
+
+def test_chunks_encoded_by_the_writer_read_back_through_plain_zarr(tmp_path):
+    """The writer encodes chunks itself; zarr must decode them and verify their checksums."""
+    import zarr
+
+    from checkpoint.universal import create_arrays
+    from checkpoint.writer import encode_chunk
+
+    layout = TensorLayout((13, 3), tp_dim=0, padded_rows=16)  # 2 chunks of 8 rows, the second an edge chunk
+    create_arrays(tmp_path, [("model/w", layout)], tp=2)
+    values = np.arange(39, dtype=np.float32).reshape(13, 3)
+    for index, rows in ((0, slice(0, 8)), (1, slice(8, 13))):
+        path = tmp_path / "model" / "w" / "c" / str(index) / "0"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_chunk(values[rows], (8, 3)))
+    np.testing.assert_array_equal(zarr.open(str(tmp_path / "model" / "w"), mode="r")[...], values)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open(str(tmp_path / "model" / "w"), mode="r")[8:13]
