@@ -30,6 +30,7 @@ from checkpoint.state import (
 from checkpoint.universal import (
     FORMAT,
     VERSION,
+    CheckpointError,
     CheckpointReader,
     Found,
     create_root_group,
@@ -39,6 +40,7 @@ from checkpoint.universal import (
 )
 from checkpoint.writer import CreateArrays, FinishStep
 from parallel.dims import ParallelDims
+from parallel.errors import on_all_ranks
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,11 @@ class Checkpointer:
         return self.engine.ring.peak_bytes
 
     def finish(self) -> None:
-        """Block until every checkpoint handed over is written and committed, on every rank."""
-        self.engine.wait_written(60.0 * self.timeout_minutes)
-        self._barrier()
+        """Block until every checkpoint handed over is written and committed, on every rank.
+
+        A writer's failure on any rank stops every rank with that rank's message.
+        """
+        on_all_ranks(lambda: self.engine.wait_written(60.0 * self.timeout_minutes), (CheckpointError,), self.group)
 
     def save(self, step: int, run_state: dict) -> None:
         """A blocking save: begin, then wait for the commit."""

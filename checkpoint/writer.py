@@ -31,6 +31,7 @@ from checkpoint.universal import (
     create_arrays,
     fsync_file,
     step_dir_name,
+    step_dirs,
     write_json_atomic,
 )
 
@@ -223,8 +224,14 @@ def _wait_for_markers(directory: Path, request, required: bool = True) -> list |
 
 
 def _apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
-    steps = [step for step, _ in complete_checkpoints(ckpt_dir)]
-    for step in checkpoints_to_delete(steps, keep, keep_every):
+    complete = [step for step, _ in complete_checkpoints(ckpt_dir)]
+    if not complete:
+        return
+    doomed = checkpoints_to_delete(complete, keep, keep_every)
+    # Unfinished saves older than the newest complete checkpoint are leftovers of crashes;
+    # newer ones may still be in progress.
+    doomed += [step for step, _ in step_dirs(ckpt_dir) if step < max(complete) and step not in complete]
+    for step in doomed:
         shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ class RankFailed(RuntimeError):
     """Raised on every rank when any rank failed a step that all ranks run together."""
 
 
-def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...] = (Exception,)) -> T:
+def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...] = (Exception,), group=None) -> T:
     """Run `step` on every rank, then raise the first rank's error everywhere if any rank failed.
 
     Used around start-up work (config, data and tokenizer checks) that must not leave the
@@ -24,8 +24,8 @@ def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...
         result, error = step(), None
     except expected as e:
         result, error = None, f"{e}"
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
     failed = [(rank, message) for rank, message in enumerate(errors) if message]
     if failed:
         rank, message = failed[0]

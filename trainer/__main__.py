@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from checkpoint.universal import CheckpointError
 from launcher.cli import quiet_megatron_fallback_warnings
 from parallel.errors import RankFailed
 from trainer.data import DataError
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         finally:
             trainer.close()
-    except (ConfigError, DataError, RankFailed) as e:
+    except (ConfigError, DataError, CheckpointError, RankFailed) as e:
         print(f"stalwart: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

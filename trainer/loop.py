@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from checkpoint.commands import layout_text
 from checkpoint.manager import Checkpointer
+from checkpoint.universal import CheckpointError
 from parallel.dims import ParallelDims, build_parallel_dims, destroy_parallel_dims, init_distributed
 from parallel.errors import on_all_ranks
 from trainer.config import Config
@@ -93,16 +95,12 @@ class Trainer:
         dist.broadcast_object_list(found, src=0)  # every rank takes rank 0's choice
         if found[0] is None:
             return
-        resumed = self.checkpointer.load(found[0])
+        resumed = on_all_ranks(lambda: self.checkpointer.load(found[0]), (CheckpointError,))
         self.step = resumed.step
         self.data.sampler.load_state_dict(resumed.state["sampler"])
         if self.is_logger:
-            saved = resumed.state["layout"]
-            print(
-                f"stalwart: resumed from {resumed.path} (step {resumed.step}, saved at tp{saved['tp']} "
-                f"pp{saved['pp']} dp{saved['dp']})",
-                flush=True,
-            )
+            saved_at = layout_text(resumed.state["layout"])
+            print(f"stalwart: resumed from {resumed.path} (step {resumed.step}, saved at {saved_at})", flush=True)
             for reason in resumed.skipped:
                 print(f"stalwart: skipped newer checkpoint {reason}", flush=True)
 
@@ -129,6 +127,7 @@ class Trainer:
                     record["val_loss"] = self.evaluate()
                 if self._checkpoint_due():
                     self.save_checkpoint()
+                    record["checkpoint_staging_peak_mb"] = self.checkpointer.staging_peak_bytes / 2**20
                 # Waiting for the last copy before this step's update, plus handing this one over.
                 record["checkpoint_blocked_s"] = self.checkpointer.take_blocked_time()
                 if log and (self.step % cfg.log_interval == 0 or "val_loss" in record):
