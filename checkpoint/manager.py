@@ -188,8 +188,8 @@ class Checkpointer:
     def load(self, found: Found) -> Resumed:
         """Load model, optimizer and RNG state saved at any layout into this rank's pieces."""
         reader = CheckpointReader(found.path)
-        for p in self.params:
-            reader.read_into(f"model/{p.name}", p.layout, p.param, self.dims.tp_rank, self.dims.tp)
+        model = [(f"model/{p.name}", p.layout, p.param) for p in self.params]
+        reader.read_many(model, self.dims.tp_rank, self.dims.tp)
         load_optimizer_state(self.step_fn.optimizer, self.params, reader, self.dims, found.step)
         self._load_rng(found.path, reader.state["layout"])
         return Resumed(found.step, reader.state, found.path, found.skipped)

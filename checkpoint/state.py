@@ -127,29 +127,34 @@ def optimizer_state_keys(optimizer) -> list[str]:
 
 
 def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: ParallelDims, step: int) -> None:
-    """Fill main weights and optimizer states through `reader.read_into` (any saved layout)."""
+    """Fill main weights and optimizer states through `reader.read_many` (any saved layout)."""
     by_param = {p.param: p for p in params}
     keys = reader.optimizer_state_keys
     for inner in _inner_optimizers(optimizer):
         if _is_distributed(inner):
             _ensure_distributed_state(inner)
-            for model_param in _owned_params(inner):
-                p = by_param[model_param]
+            owned = [(model_param, by_param[model_param]) for model_param in _owned_params(inner)]
+            pieces = {
+                (model_param, key): torch.zeros(model_param.shape, dtype=torch.float32, device=dims.device)
+                for model_param, _ in owned
+                for key in keys
+            }
+            items = [(f"optim/{key}/{by_param[mp].name}", by_param[mp].layout, t) for (mp, key), t in pieces.items()]
+            reader.read_many(items, dims.tp_rank, dims.tp)
+            for model_param, _ in owned:
                 sub = inner._get_model_param_range_map(model_param)["param"]
-                flat = {}
-                for key in keys:
-                    full = torch.zeros(model_param.shape, dtype=torch.float32, device=dims.device)
-                    reader.read_into(f"optim/{key}/{p.name}", p.layout, full, dims.tp_rank, dims.tp)
-                    flat[key] = full.flatten()[sub.start : sub.end]
+                flat = {key: pieces[model_param, key].flatten()[sub.start : sub.end] for key in keys}
                 _set_distributed_states(inner, model_param, flat, step)
         else:
+            items = []
             for model_param, main in _main_params(inner):
                 p = by_param[model_param]
                 state = inner.optimizer.state.setdefault(main, {})
                 for key in keys:
                     target = main if key == "param" else state.setdefault(key, torch.zeros_like(main))
-                    reader.read_into(f"optim/{key}/{p.name}", p.layout, target, dims.tp_rank, dims.tp)
+                    items.append((f"optim/{key}/{p.name}", p.layout, target))
                 state["step"] = torch.tensor(float(step))
+            reader.read_many(items, dims.tp_rank, dims.tp)
 
 
 def _inner_optimizers(optimizer) -> list:

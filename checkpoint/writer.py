@@ -147,16 +147,26 @@ def _create_arrays(request: CreateArrays) -> None:
 
 def _wait_for_root(root: Path, token: str, timeout_s: float) -> None:
     """Rank 0's trainer creates the root group; a leftover from an earlier attempt has another token."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def root_is_ours() -> bool:
         try:
-            if json.loads((root / "zarr.json").read_text())["attributes"].get("writer_token") == token:
-                return
+            return json.loads((root / "zarr.json").read_text())["attributes"].get("writer_token") == token
         except (OSError, KeyError, json.JSONDecodeError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{root}: the checkpoint root group did not appear in {timeout_s:.0f} s")
+            return False
+
+    if not _wait_until(root_is_ours, timeout_s):
+        raise TimeoutError(f"{root}: the checkpoint root group did not appear in {timeout_s:.0f} s")
+
+
+def _wait_until(condition, timeout_s: float) -> bool:
+    """Poll `condition`; False on timeout or once our trainer is gone (we must not outlive it)."""
+    deadline = time.monotonic() + timeout_s
+    trainer = os.getppid()
+    while not condition():
+        if time.monotonic() > deadline or os.getppid() != trainer:
+            return False
         time.sleep(0.005)
+    return True
 
 
 def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict, arrays: dict) -> None:
@@ -211,15 +221,11 @@ def _wait_for_markers(directory: Path, request, required: bool = True) -> list |
     """Every rank's marker in `directory`. If some rank's writer does not get there in time, or
     our trainer is gone (a job being torn down commits nothing more): None, or an error when
     `required`."""
-    deadline = time.monotonic() + request.timeout_s
-    trainer = os.getppid()
     paths = [directory / f"rank_{rank:05d}.json" for rank in range(request.world_size)]
-    while not all(p.is_file() for p in paths):
-        if time.monotonic() > deadline or os.getppid() != trainer:
-            if required:
-                raise TimeoutError(f"{directory}: not every rank got there in {request.timeout_s:.0f} s")
-            return None
-        time.sleep(0.01)
+    if not _wait_until(lambda: all(p.is_file() for p in paths), request.timeout_s):
+        if required:
+            raise TimeoutError(f"{directory}: not every rank got there in {request.timeout_s:.0f} s")
+        return None
     return [json.loads(p.read_text()) for p in paths]
 
 

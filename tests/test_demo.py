@@ -70,6 +70,8 @@ def test_demo_checkpoints_and_stalwart_run_resumes_from_them(demo_run):
         [stalwart, "run", "configs/demo.yaml", "--set", "train.steps=310"], timeout=300, env=rank_env(2), cwd=workdir
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from runs/demo/checkpoints/step_000000300 (step 300, saved at tp1 pp1 dp2 +distopt)" in result.stdout
+    assert (
+        "resumed from runs/demo/checkpoints/step_000000300 (step 300, saved at tp1 pp1 dp2 +distopt)" in result.stdout
+    )
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 311))
