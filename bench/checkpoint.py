@@ -89,18 +89,12 @@ def worker(config_path: str, out: str, spare_core: bool = False) -> None:
     async_run.checkpointer.save(async_run.step + 1000, {"sampler": async_run.data.sampler.state_dict()})
     results["sync_save_s"] = time.perf_counter() - start
     found = async_run.checkpointer.find()
-    start = time.perf_counter()
-    async_run.checkpointer.load(found)
-    dist.barrier()
-    results["load_same_layout_s"] = time.perf_counter() - start
     async_run.close()
-    other = trainer("other", "parallel.tp=2", "parallel.dp=null", "checkpoint.resume=false")
-    dist.barrier()
-    start = time.perf_counter()
-    other.checkpointer.load(found)
-    dist.barrier()
-    results["load_other_layout_s"] = time.perf_counter() - start
-    other.close()
+    # Both loads go into a freshly built trainer, one of the saving layout and one of another.
+    for key, sets in (("load_same_layout_s", ()), ("load_other_layout_s", ("parallel.tp=2", "parallel.dp=null"))):
+        fresh = trainer(key, *sets, "checkpoint.resume=false")
+        results[key] = timed_loads(fresh, found)
+        fresh.close()
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, results["staging_peak_bytes"])
     if dist.get_rank() == 0:
