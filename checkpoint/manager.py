@@ -176,9 +176,6 @@ class Checkpointer:
         torch.save(states, buffer)
         return buffer.getvalue()
 
-    def _barrier(self) -> None:
-        dist.barrier(group=self.group)
-
     # -- resuming ----------------------------------------------------------------------
 
     def find(self) -> Found | None:

@@ -90,12 +90,12 @@ def _write_array_meta(root: Path, name: str, shape, chunks, attrs: dict) -> None
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     _write_group_meta_of_parents(root, name)
-    _write_atomic(path / "zarr.json", json.dumps(meta, indent=1))
+    write_atomic(path / "zarr.json", json.dumps(meta, indent=1))
 
 
 def create_root_group(root: Path, attributes: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / "zarr.json", json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}))
+    write_atomic(root / "zarr.json", json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}))
 
 
 def _write_group_meta_of_parents(root: Path, name: str) -> None:
@@ -103,14 +103,20 @@ def _write_group_meta_of_parents(root: Path, name: str) -> None:
     for depth in range(1, len(parts) + 1):
         meta = root.joinpath(*parts[:depth]) / "zarr.json"
         if not meta.exists():
-            _write_atomic(meta, json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}))
+            write_atomic(meta, json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Several writers may write the same group metadata: each renames a whole file into place."""
+def write_atomic(path: Path, text: str) -> None:
+    """write-temp, fsync, rename, fsync the directory: readers see the old file or the new
+    one, never a part, and it survives a crash. Several writers may write the same group
+    metadata: each renames a whole file of its own into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_file(path.parent)
 
 
 def chunk_keys(array, region: tuple[slice, ...]) -> list[str]:
@@ -121,14 +127,7 @@ def chunk_keys(array, region: tuple[slice, ...]) -> list[str]:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """write-temp, fsync, rename, fsync the directory: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def commit(ckpt_dir: Path, root: Path, reports: list[dict[str, list[str]]], step: int) -> None:
@@ -144,25 +143,16 @@ def commit(ckpt_dir: Path, root: Path, reports: list[dict[str, list[str]]], step
         "arrays": {name: sorted(keys) for name, keys in sorted(chunks.items())},
     }
     write_json_atomic(root / "manifest.json", manifest)
-    latest = ckpt_dir / "latest"
-    tmp = ckpt_dir / ".latest.tmp"
-    tmp.write_text(root.name + "\n")
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, latest)
-    _fsync_dir(ckpt_dir)
+    write_atomic(ckpt_dir / "latest", root.name + "\n")
 
 
 def fsync_file(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its new entries durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_file(path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def ring_views(buffer, ring_size: int) -> tuple[np.ndarray, np.ndarray]:
     return freed, ring
 
 
-def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connection) -> None:
+def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connection, trainer_pid: int) -> None:
     """Handle requests until told to stop or until the trainer is gone (its pipe closes)."""
     shm = shared_memory.SharedMemory(name=shm_name)
     # Python 3.11 registers even an attached segment for removal at exit; the trainer owns it.
@@ -106,17 +106,17 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
     try:
         while (request := _next_request(requests)) is not None:
             if isinstance(request, CreateArrays):
-                _create_arrays(request)
+                _create_arrays(request, trainer_pid)
                 pending[request.root] = request
             elif isinstance(request, ChunkWrite):
                 if request.root in pending:  # every rank's arrays must exist before the first chunk
-                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root))
+                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root), trainer_pid)
                 _write_chunk(request, ring, ring_size, written, arrays)
                 freed[0] = request.ring_start + request.nbytes
             elif isinstance(request, FinishStep):
                 if request.root in pending:
-                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root))
-                _finish_step(request, written.pop(request.root, {}))
+                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root), trainer_pid)
+                _finish_step(request, written.pop(request.root, {}), trainer_pid)
                 arrays = {key: a for key, a in arrays.items() if key[0] != request.root}
             elif isinstance(request, Flush):
                 replies.send(("flushed", request.token))
@@ -136,16 +136,16 @@ def _next_request(requests: Connection):
         return None
 
 
-def _create_arrays(request: CreateArrays) -> None:
+def _create_arrays(request: CreateArrays, trainer_pid: int) -> None:
     root = Path(request.root)
-    _wait_for_root(root, request.token, request.timeout_s)
+    _wait_for_root(root, request.token, request.timeout_s, trainer_pid)
     tensors = [(name, TensorLayout.from_attrs(attrs)) for name, attrs in request.tensors]
     create_arrays(root, tensors, request.tp)
     (root / "created").mkdir(exist_ok=True)
     write_json_atomic(root / "created" / f"rank_{request.rank:05d}.json", len(tensors))
 
 
-def _wait_for_root(root: Path, token: str, timeout_s: float) -> None:
+def _wait_for_root(root: Path, token: str, timeout_s: float, trainer_pid: int) -> None:
     """Rank 0's trainer creates the root group; a leftover from an earlier attempt has another token."""
 
     def root_is_ours() -> bool:
@@ -154,16 +154,15 @@ def _wait_for_root(root: Path, token: str, timeout_s: float) -> None:
         except (OSError, KeyError, json.JSONDecodeError):
             return False
 
-    if not _wait_until(root_is_ours, timeout_s):
+    if not _wait_until(root_is_ours, timeout_s, trainer_pid):
         raise TimeoutError(f"{root}: the checkpoint root group did not appear in {timeout_s:.0f} s")
 
 
-def _wait_until(condition, timeout_s: float) -> bool:
+def _wait_until(condition, timeout_s: float, trainer_pid: int) -> bool:
     """Poll `condition`; False on timeout or once our trainer is gone (we must not outlive it)."""
     deadline = time.monotonic() + timeout_s
-    trainer = os.getppid()
     while not condition():
-        if time.monotonic() > deadline or os.getppid() != trainer:
+        if time.monotonic() > deadline or os.getppid() != trainer_pid:
             return False
         time.sleep(0.005)
     return True
@@ -202,8 +201,9 @@ def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> bytes:
     return raw + np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
 
 
-def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
+def _finish_step(request: FinishStep, report: dict[str, list[str]], trainer_pid: int) -> None:
     root = Path(request.root)
+    _fsync_new_directories(root, report)
     (root / "rng").mkdir(exist_ok=True)
     rng_path = root / "rng" / f"rank_{request.rank:05d}.pt"
     rng_path.write_bytes(request.rng)
@@ -211,18 +211,31 @@ def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
     (root / "done").mkdir(exist_ok=True)
     write_json_atomic(root / "done" / f"rank_{request.rank:05d}.json", report)
     if request.commit:
-        reports = _wait_for_markers(root / "done", request, required=False)
+        reports = _wait_for_markers(root / "done", request, trainer_pid, required=False)
         if reports is not None:
             commit(root.parent, root, reports, request.step)
             _apply_retention(root.parent, request.keep, request.keep_every)
 
 
-def _wait_for_markers(directory: Path, request, required: bool = True) -> list | None:
+def _fsync_new_directories(root: Path, report: dict[str, list[str]]) -> None:
+    """The directories that gained chunk files: their entries must be durable before `done`."""
+    directories = {root}
+    for name, keys in report.items():
+        for key in keys:
+            path = (root / name / key).parent
+            while path != root:
+                directories.add(path)
+                path = path.parent
+    for directory in sorted(directories, key=lambda p: -len(p.parts)):
+        fsync_file(directory)
+
+
+def _wait_for_markers(directory: Path, request, trainer_pid: int, required: bool = True) -> list | None:
     """Every rank's marker in `directory`. If some rank's writer does not get there in time, or
     our trainer is gone (a job being torn down commits nothing more): None, or an error when
     `required`."""
     paths = [directory / f"rank_{rank:05d}.json" for rank in range(request.world_size)]
-    if not _wait_until(lambda: all(p.is_file() for p in paths), request.timeout_s):
+    if not _wait_until(lambda: all(p.is_file() for p in paths), request.timeout_s, trainer_pid):
         if required:
             raise TimeoutError(f"{directory}: not every rank got there in {request.timeout_s:.0f} s")
         return None
@@ -251,7 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     requests = Connection(args.requests_fd, writable=False)
     replies = Connection(args.replies_fd, readable=False)
-    serve(args.shm, args.ring_size, requests, replies)
+    # The trainer that started us; once it is gone (we are re-parented) we stop waiting for anything.
+    serve(args.shm, args.ring_size, requests, replies, trainer_pid=os.getppid())
 
 
 if __name__ == "__main__":

@@ -118,7 +118,18 @@ def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_confi
             resumed = re.search(r"resumed from \S+/step_(\d+)", output)
             assert resumed and int(resumed.group(1)) == before, output[-2000:]
         assert_latest_is_complete(ckpt_dir)
+        assert _no_writer_left(timeout=20), "a checkpoint writer outlived its job"
     assert kinds.count("writer") == kinds.count("rank") == TRIALS // 2
+
+
+def _no_writer_left(timeout: float) -> bool:
+    """Writers stop once their trainer is gone; none may linger as an orphan."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [pid for pid, cmd in descendants(1) if "checkpoint.writer" in cmd]:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: float) -> None:
