@@ -87,15 +87,6 @@ def model_pieces(params: list[ModelParam], dims: ParallelDims) -> list[Piece]:
 # Optimizer state
 
 
-def optimizer_step_count(optimizer) -> int:
-    """Optimizer updates taken so far, as recorded by the optimizer's own state."""
-    for inner in _inner_optimizers(optimizer):
-        for state in inner.optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-    return 0
-
-
 def optimizer_pieces(optimizer, params: list[ModelParam], dims: ParallelDims) -> Iterator[Piece]:
     """Main (fp32) weights and every per-parameter optimizer state, as pieces of logical tensors.
 

@@ -220,10 +220,6 @@ class CheckpointReader:
     def optimizer_state_keys(self) -> list[str]:
         return sorted({name.split("/")[1] for name in self.arrays if name.startswith("optim/")})
 
-    def read_into(self, name: str, layout: TensorLayout, out: torch.Tensor, tp_rank: int, tp: int) -> None:
-        """Fill this rank's piece `out` of tensor `name`; padding rows keep their value if not saved."""
-        self.read_many([(name, layout, out)], tp_rank, tp)
-
     def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
         """Fill many pieces at once: every region is read concurrently through zarr's async API.
 
