@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from trainer.data import prepare_dataset, stdlib_source_dir
+from trainer.schema import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,14 +49,19 @@ def small_dataset(tmp_path_factory) -> str:
     return prefix
 
 
+def write_tiny_config(path: Path, run_dir: Path, dataset: str, *overrides: str) -> Path:
+    """The tiny model on `dataset` as a YAML file, with `section.key=value` overrides applied."""
+    config = copy.deepcopy(TINY_CONFIG)
+    for assignment in (f"run.dir={run_dir}", f"data.path={dataset}", *overrides):
+        apply_override(config, assignment)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, small_dataset) -> Path:
     """A YAML file of the tiny model on the small dataset, writing into tmp_path/run."""
-    config = {**TINY_CONFIG, "run": {**TINY_CONFIG["run"], "dir": str(tmp_path / "run")}}
-    config["data"] = {"path": small_dataset}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run", small_dataset)
 
 
 def rank_env(nproc: int) -> dict:

@@ -11,10 +11,11 @@ import zarr
 
 from checkpoint.retention import checkpoints_to_delete
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import REPO, TINY_CONFIG, rank_env, run_command, torchrun
+from tests.conftest import REPO, TINY_CONFIG, rank_env, run_command, torchrun, write_tiny_config
 from trainer.metrics import read_metrics
 
 # 8 heads in 4 groups so that TP4 is possible; 4 layers so that PP4 and PP2 x VPP2 are.
+MODEL_OVERRIDES = ("model.num_attention_heads=8", "model.num_query_groups=4")
 MODEL = {**TINY_CONFIG["model"], "num_attention_heads": 8, "num_query_groups": 4}
 SOURCE = {"parallel.tp": 2, "parallel.pp": 2}
 # name -> (world size, overrides) of the layouts that resume the source's step-3 checkpoint.
@@ -31,16 +32,16 @@ RESUME_LAYOUTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_dataset):
     root = tmp_path_factory.mktemp("ckpt")
-    config = {
-        **TINY_CONFIG,
-        "model": MODEL,
-        "train": {**TINY_CONFIG["train"], "steps": 6, "eval_interval": 0},
-        "run": {**TINY_CONFIG["run"], "dir": str(root / "source")},
-        "data": {"path": small_dataset},
-        "checkpoint": {"interval": 3, "keep": 5},
-    }
-    config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_tiny_config(
+        root / "config.yaml",
+        root / "source",
+        small_dataset,
+        *MODEL_OVERRIDES,
+        "train.steps=6",
+        "train.eval_interval=0",
+        "checkpoint.interval=3",
+        "checkpoint.keep=5",
+    )
     sets = [arg for key, value in SOURCE.items() for arg in ("--set", f"{key}={value}")]
     result = torchrun(4, ["-m", "trainer", str(config_path), *sets], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

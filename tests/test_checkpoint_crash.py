@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import zarr
 
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import REPO, TINY_CONFIG, rank_env
+from tests.conftest import REPO, rank_env, write_tiny_config
 
 TRIALS = 10
 
@@ -65,17 +64,16 @@ def assert_latest_is_complete(ckpt_dir: Path) -> int | None:
 
 @pytest.fixture
 def crash_config(tmp_path, small_dataset) -> Path:
-    config = {
-        **TINY_CONFIG,
-        "train": {**TINY_CONFIG["train"], "steps": 400, "eval_interval": 0},
-        "run": {**TINY_CONFIG["run"], "dir": str(tmp_path / "run")},
-        "data": {"path": small_dataset},
-        "checkpoint": {"interval": 1, "keep": 2},
-        "parallel": {"tp": 2},
-    }
-    path = tmp_path / "crash.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(
+        tmp_path / "crash.yaml",
+        tmp_path / "run",
+        small_dataset,
+        "train.steps=400",
+        "train.eval_interval=0",
+        "checkpoint.interval=1",
+        "checkpoint.keep=2",
+        "parallel.tp=2",
+    )
 
 
 def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_config, tmp_path):

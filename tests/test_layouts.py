@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import torchrun
+from tests.conftest import torchrun, write_tiny_config
 from trainer.metrics import read_metrics
 
 # name -> (world size, overrides); every layout trains the same 5 steps of the tiny model.
@@ -20,14 +20,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def layout_losses(tmp_path_factory, small_dataset):
-    import yaml
-
-    from tests.conftest import TINY_CONFIG
-
     root = tmp_path_factory.mktemp("layouts")
-    config = {**TINY_CONFIG, "run": {**TINY_CONFIG["run"], "dir": str(root)}, "data": {"path": small_dataset}}
-    config_path = root / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_tiny_config(root / "tiny.yaml", root, small_dataset)
     for world in sorted({world for world, _ in LAYOUTS.values()}):
         args = [f"{name}={sets}" for name, (w, sets) in LAYOUTS.items() if w == world]
         result = torchrun(world, ["tests/layout_worker.py", str(config_path), *args], timeout=400)

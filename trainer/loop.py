@@ -105,9 +105,10 @@ class Trainer:
                 print(f"stalwart: skipped newer checkpoint {reason}", flush=True)
 
     def save_checkpoint(self) -> None:
+        sampler = self.data.sampler.state_dict()
         run_state = {
-            "sampler": self.data.sampler.state_dict(),
-            "consumed_tokens": self.data.sampler.state_dict()["consumed_samples"] * self.config.train.seq_length,
+            "sampler": sampler,
+            "consumed_tokens": sampler["consumed_samples"] * self.config.train.seq_length,
             "config": to_dict(self.config),
         }
         self.checkpointer.begin(self.step, run_state)
