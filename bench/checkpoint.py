@@ -2,11 +2,13 @@
 
 usage: python bench/checkpoint.py [--quick]
 
-Two ranks train the demo model (TP1 x DP2) in one launch: without checkpoints, then with a
-checkpoint every 10 steps; then the same state is saved synchronously, and loaded on the
-same layout and on TP2. The distributed optimizer is off so that both loads read the same
-state per rank (with it, each DP rank reads only the optimizer state it owns). Prints a table, then one JSON
-line with blocking_ratio, throughput_ratio, reshard_load_ratio, staging_peak_vs_bound.
+Two ranks train the demo model (TP1 x DP2) in one launch: runs without checkpoints and runs
+with one every 10 steps, alternating (ABBA...); then the same state is saved synchronously,
+and loaded on the same layout and on TP2. The distributed optimizer is off so that both
+loads read the same state per rank (with it, each DP rank reads only the optimizer state it
+owns). A second launch repeats the alternating runs with one rank, leaving a core spare for
+the checkpoint path. Prints a table, then one JSON line with blocking_ratio,
+throughput_ratio, reshard_load_ratio, staging_peak_vs_bound, throughput_ratio_spare_core.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,10 +39,21 @@ def steady_seconds_per_step(records: list[dict], skip: int) -> float:
     return (window[-1]["time"] - window[0]["time"]) / (len(window) - 1)
 
 
+def mean_steady_step(runs: list[list[dict]]) -> float:
+    return statistics.mean(steady_seconds_per_step(records, 3) for records in runs)
+
+
+def blocking_per_checkpoint(records: list[dict], steps: int) -> list[float]:
+    """What each checkpoint cost the loop: handing over at its step plus waiting before the next update."""
+    return [
+        r["checkpoint_blocked_s"] + nxt["checkpoint_blocked_s"]
+        for r, nxt in zip(records, records[1:], strict=False)
+        if r["step"] % INTERVAL == 0 and r["step"] < steps
+    ]
+
+
 def timed_loads(trainer, found, repeats: int = 3) -> float:
     """Median wall time of loading `found` into this trainer, every rank done."""
-    import statistics
-
     import torch.distributed as dist
 
     trainer.checkpointer.engine.wait_written(60)  # its writer process is up and idle, not importing
@@ -53,7 +67,7 @@ def timed_loads(trainer, found, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def worker(config_path: str, out: str, spare_core: bool = False) -> None:
+def worker(config_path: str, out: str, pairs: int, spare_core: bool = False) -> None:
     """Rank code: the measurements, in one process group."""
     import torch.distributed as dist
 
@@ -68,18 +82,26 @@ def worker(config_path: str, out: str, spare_core: bool = False) -> None:
     def trainer(name: str, *sets: str) -> Trainer:
         return Trainer(load_config(config_path, [f"run.dir={Path(out) / name}", *sets]))
 
+    def alternating_runs(*sets: str) -> dict[str, list[list[dict]]]:
+        """Runs without and with checkpoints, in the order ABBA ABBA ..., so that a machine
+        getting slower or faster over the bench weighs on both alike; their metrics."""
+        runs: dict[str, list[list[dict]]] = {"plain": [], "async": []}
+        for pair in range(pairs):
+            order = ("plain", "async") if pair % 2 == 0 else ("async", "plain")
+            for kind in order:
+                name = f"{kind}{len(runs[kind])}{'_1rank' if spare_core else ''}"
+                interval = INTERVAL if kind == "async" else 0
+                run = trainer(name, f"checkpoint.interval={interval}", *sets)
+                run.fit()
+                run.close()
+                runs[kind].append(read_metrics(Path(out) / name / "metrics.jsonl"))
+        return runs
+
     if spare_core:  # one rank, one core left for staging and writing, as on a GPU node
-        for name, interval in (("plain1", 0), ("async1", INTERVAL)):
-            run = trainer(name, f"checkpoint.interval={interval}", "parallel.dp=null")
-            run.fit()
-            run.close()
-        (Path(out) / "spare_core.json").write_text(
-            json.dumps({name: read_metrics(Path(out) / name / "metrics.jsonl") for name in ("plain1", "async1")})
-        )
+        runs = alternating_runs("parallel.dp=null")
+        (Path(out) / "spare_core.json").write_text(json.dumps({"plain1": runs["plain"], "async1": runs["async"]}))
         return
-    plain = trainer("plain", "checkpoint.interval=0")
-    plain.fit()
-    plain.close()
+    runs = alternating_runs()
     async_run = trainer("async", f"checkpoint.interval={INTERVAL}")
     async_run.fit()
     results["staging_peak_bytes"] = async_run.checkpointer.staging_peak_bytes
@@ -99,8 +121,7 @@ def worker(config_path: str, out: str, spare_core: bool = False) -> None:
     dist.all_gather_object(peaks, results["staging_peak_bytes"])
     if dist.get_rank() == 0:
         results["staging_peak_bytes"] = max(peaks)
-        results["plain"] = read_metrics(Path(out) / "plain" / "metrics.jsonl")
-        results["async"] = read_metrics(Path(out) / "async" / "metrics.jsonl")
+        results |= runs
         (Path(out) / "results.json").write_text(json.dumps(results))
 
 
@@ -109,15 +130,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller corpus")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--spare-core", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=int, default=None, help="runs without and with checkpoints, each")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, spare_core=args.spare_core)
+        worker(*args.worker, pairs=args.pairs, spare_core=args.spare_core)
         return
     from tqdm import tqdm
 
     from trainer.data import prepare_dataset, stdlib_source_dir
 
-    steps = 40 if args.quick else 80
+    steps = 40 if args.quick else 60
+    pairs = args.pairs or (2 if args.quick else 4)
     with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as tmp:
         out = Path(tmp)
         with tqdm(total=3, desc="checkpoint bench", unit="phase") as bar:
@@ -131,16 +154,16 @@ def main() -> None:
             config.write_text(demo)
             sets = [f"data.path={out / 'data'}", f"train.steps={steps}", "train.eval_interval=0", "run.progress=false"]
             sets.append("parallel.distributed_optimizer=false")
-            _run_worker(config, out, sets, ranks=2)
+            _run_worker(config, out, sets, ranks=2, pairs=pairs)
             bar.update(1)
-            _run_worker(config, out, [], ranks=1)
+            _run_worker(config, out, [], ranks=1, pairs=pairs)
             bar.update(1)
         results = json.loads((out / "results.json").read_text())
         results |= json.loads((out / "spare_core.json").read_text())
     report(results, steps)
 
 
-def _run_worker(config: Path, out: Path, sets: list[str], ranks: int) -> None:
+def _run_worker(config: Path, out: Path, sets: list[str], ranks: int, pairs: int) -> None:
     # Overrides go into the config file: the worker reads it on every rank.
     import yaml
 
@@ -153,26 +176,15 @@ def _run_worker(config: Path, out: Path, sets: list[str], ranks: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    command += [str(Path(__file__).resolve()), "--worker", str(config), str(out)]
+    command += [str(Path(__file__).resolve()), "--worker", str(config), str(out), f"--pairs={pairs}"]
     command += ["--spare-core"] if ranks == 1 else []
     subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, timeout=1800)
 
 
 def report(results: dict, steps: int) -> None:
-    plain, with_ckpt = results["plain"], results["async"]
-    checkpoints = [r for r in with_ckpt if r["step"] % INTERVAL == 0 and r["step"] < steps]
-    # What one checkpoint costs the loop: handing over at its step plus waiting before the next update.
-    blocked = [
-        r["checkpoint_blocked_s"] + nxt["checkpoint_blocked_s"]
-        for r, nxt in zip(with_ckpt, with_ckpt[1:], strict=False)
-        if r in checkpoints
-    ]
-    blocking_s = sum(blocked) / len(blocked)
-    plain_step, ckpt_step = steady_seconds_per_step(plain, 3), steady_seconds_per_step(with_ckpt, 3)
-    plain1_step, ckpt1_step = (
-        steady_seconds_per_step(results["plain1"], 3),
-        steady_seconds_per_step(results["async1"], 3),
-    )
+    blocking_s = statistics.mean(b for run in results["async"] for b in blocking_per_checkpoint(run, steps))
+    plain_step, ckpt_step = mean_steady_step(results["plain"]), mean_steady_step(results["async"])
+    plain1_step, ckpt1_step = mean_steady_step(results["plain1"]), mean_steady_step(results["async1"])
     figures = {
         "blocking_ratio": blocking_s / results["sync_save_s"],
         "throughput_ratio": plain_step / ckpt_step,
@@ -180,7 +192,8 @@ def report(results: dict, steps: int) -> None:
         "staging_peak_vs_bound": results["staging_peak_bytes"] / results["staging_bound_bytes"],
         "throughput_ratio_spare_core": plain1_step / ckpt1_step,
     }
-    print(f"\ndemo model, 2 ranks (TP1 x DP2), {steps} steps, checkpoint every {INTERVAL}")
+    pairs = len(results["plain"])
+    print(f"\ndemo model, 2 ranks (TP1 x DP2), {pairs} runs of {steps} steps each way, checkpoint every {INTERVAL}")
     rows = [
         ("blocking per checkpoint, lazy async (s)", f"{blocking_s:.4f}", ""),
         ("synchronous save of the same state (s)", f"{results['sync_save_s']:.4f}", ""),

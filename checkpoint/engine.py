@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint.layout import chunk_shape, padding_region, split_rows, tp_regions
+from checkpoint.layout import chunk_shape, padding_chunk_shape, padding_region, split_rows, tp_regions
 from checkpoint.state import Piece
 from checkpoint.universal import PADDING_SUFFIX, CheckpointError
-from checkpoint.writer import HEADER_BYTES, ChunkWrite, FinishStep, Flush, ring_views
+from checkpoint.writer import HEADER_BYTES, ChunkWrite, CreateArrays, FinishStep, Flush, ring_views
 
 
 class StagingRing:
@@ -76,60 +76,100 @@ class CheckpointEngine:
         self._error: BaseException | None = None
         self._flushes = 0
 
-    def send(self, request) -> None:
-        """A request for the writer, in order with the chunks staged before and after it."""
-        self.wait_staged()
-        self.requests.send(request)
+    def _send(self, request) -> None:
+        try:
+            self.requests.send(request)
+        except OSError as e:  # the pipe broke: the writer is gone
+            raise CheckpointError("the checkpoint writer process died") from e
 
     def writer_alive(self) -> bool:
         return self.writer.poll() is None
 
     def stage(
-        self, root: str, pieces: Callable[[], Iterable[Piece]], tp_rank: int, tp: int, finish: FinishStep
+        self,
+        create: CreateArrays,
+        pieces: Callable[[], Iterable[Piece]],
+        tp_rank: int,
+        tp: int,
+        finish: FinishStep,
     ) -> None:
-        """Start copying `pieces()` to the ring in the background; returns at once."""
+        """Start handing a save to the writer in the background; returns at once.
+
+        The writer gets `create`, then every chunk of `pieces()` as it is copied to the ring,
+        then `finish`. A failure is kept for check().
+        """
         self.wait_staged()
         self._thread = threading.Thread(
-            target=self._stage, args=(root, pieces, tp_rank, tp, finish), name="stalwart-ckpt-stage", daemon=True
+            target=self._stage, args=(create, pieces, tp_rank, tp, finish), name="stalwart-ckpt-stage", daemon=True
         )
         self._thread.start()
 
-    def _stage(self, root: str, pieces, tp_rank: int, tp: int, finish: FinishStep) -> None:
+    def _stage(self, create: CreateArrays, pieces, tp_rank: int, tp: int, finish: FinishStep) -> None:
+        # Lowest priority for this thread alone: where every core trains, the copy takes
+        # idle time rather than the training thread's (the copies release the GIL).
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        root = create.root
         try:
+            self._send(create)
             with torch.no_grad():
                 for piece in pieces():
                     if piece.writes:
                         self._stage_piece(root, piece, tp_rank, tp)
-            self.requests.send(finish)
-        except BaseException as e:  # surfaced by wait_staged()
+            self._send(finish)
+        except BaseException as e:  # surfaced by check()
             self._error = e
 
     def _stage_piece(self, root: str, piece: Piece, tp_rank: int, tp: int) -> None:
-        rows = chunk_shape(piece.layout, tp)[0]
-        pairs = [(piece.name, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
+        chunks = chunk_shape(piece.layout, tp)
+        pairs = [(piece.name, chunks, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
         padding = padding_region(piece.layout, tp_rank, tp)
         if padding:
-            pairs.append((piece.name + PADDING_SUFFIX, padding))
-        for array, pair in pairs:
-            for global_region, local_region in split_rows(pair, rows if array == piece.name else 1):
+            pairs.append((piece.name + PADDING_SUFFIX, padding_chunk_shape(piece.layout), padding))
+        for array, chunks, pair in pairs:
+            for global_region, local_region in split_rows(pair, chunks[0]):
                 source = piece.local[local_region]
                 start = self.ring.reserve(4 * source.numel(), self.writer_alive)
                 self.ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
                 region = tuple((s.start, s.stop) for s in global_region)
-                self.requests.send(ChunkWrite(root, array, region, start, tuple(source.shape)))
+                self._send(ChunkWrite(root, array, region, start, tuple(source.shape), chunks))
 
     def wait_staged(self) -> None:
-        """Block until the last stage() has copied everything (called before an optimizer step)."""
+        """Block until the last stage() has copied everything (called before an optimizer step).
+
+        A failure is kept for check(), which every rank calls at the same step, so that it
+        stops all ranks with one message rather than this rank alone in mid-step.
+        """
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._raise_if_failed()
 
-    def wait_written(self, timeout_s: float) -> None:
-        """Block until the writer has written (and, on rank 0, committed) everything handed over."""
+    def check(self) -> None:
+        """Raise the failure of an earlier hand-over, in staging or in the writer, if any."""
         self.wait_staged()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"staging the checkpoint failed: {error}") from error
+        if self.replies.poll(0):  # outside wait_written() the writer only ever reports errors
+            self._reply()
+        if not self.writer_alive():
+            raise CheckpointError("the checkpoint writer process died")
+
+    def _reply(self):
+        """The writer's next reply: raises its error, or that it is gone."""
+        try:
+            kind, value = self.replies.recv()
+        except EOFError:
+            raise CheckpointError("the checkpoint writer process died") from None
+        if kind == "error":
+            raise CheckpointError(f"the checkpoint writer failed:\n{value}")
+        return value
+
+    def wait_written(self, timeout_s: float, commits: bool = False) -> None:
+        """Block until the writer has written everything handed over; with `commits`, until
+        rank 0's writer has also committed (or given up on) every save it waits for."""
+        self.check()
         self._flushes += 1
-        self.requests.send(Flush(self._flushes))
+        self._send(Flush(self._flushes, commits))
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.replies.poll(0.5):
@@ -138,18 +178,8 @@ class CheckpointEngine:
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"the checkpoint writer did not finish in {timeout_s:.0f} s")
                 continue
-            kind, value = self.replies.recv()
-            if kind == "error":
-                raise CheckpointError(f"the checkpoint writer failed:\n{value}")
-            if value == self._flushes:
+            if self._reply() == self._flushes:
                 return
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise CheckpointError(f"staging the checkpoint failed: {error}") from error
-        if not self.writer_alive():
-            raise CheckpointError("the checkpoint writer process died")
 
     def close(self) -> None:
         self.requests.close()  # the writer sees end-of-file and stops after its last request

@@ -109,6 +109,11 @@ def padding_shape(layout: TensorLayout) -> tuple[int, ...]:
     return (rows, *layout.shape[1:])
 
 
+def padding_chunk_shape(layout: TensorLayout) -> tuple[int, ...]:
+    """The padding array is chunked by row: each padded row has exactly one writer at any TP."""
+    return (1, *padding_shape(layout)[1:])
+
+
 def _along(full: Region, dim: int, start: int, size: int) -> Region:
     region = list(full)
     region[dim] = slice(start, start + size)

@@ -74,26 +74,30 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------
 
     def begin(self, step: int, run_state: dict) -> None:
-        """Hand a checkpoint of `step` to the engine; returns once it is being staged."""
+        """Hand a checkpoint of `step` to the engine; returns once it is being staged.
+
+        A failure of the previous save's staging or writing on any rank stops every rank
+        here with that rank's message; this save's own failures surface at the next one.
+        """
         start = time.perf_counter()
-        self._begin(step, run_state)
+        root = self.dir / step_dir_name(step)
+        on_all_ranks(lambda: self._prepare(root, step, run_state), (CheckpointError,), self.group)
+        self._hand_over(root, step)
         self.blocked_s += time.perf_counter() - start
 
-    def _begin(self, step: int, run_state: dict) -> None:
-        # No collective here: each rank's writer creates its arrays and waits, through files in
-        # the checkpoint, until every rank's arrays exist before it writes a chunk.
-        root = self.dir / step_dir_name(step)
-        timeout_s = 60.0 * self.timeout_minutes
-        if self.dims.rank == 0:
+    def _prepare(self, root: Path, step: int, run_state: dict) -> None:
+        self.engine.check()
+        if self.dims.rank == 0:  # the root group exists before any writer creates its arrays
             if root.exists():
                 shutil.rmtree(root)  # an unfinished earlier attempt at this step
             attrs = {"format": FORMAT, "version": VERSION, "writer_token": self.token}
             create_root_group(root, attrs)
             write_json_atomic(root / "state.json", {**run_state, "step": step, "layout": self._layout()})
+
+    def _hand_over(self, root: Path, step: int) -> None:
+        timeout_s = 60.0 * self.timeout_minutes
         tensors = [(name, layout.to_attrs()) for name, layout in self._arrays_this_rank_creates()]
-        self.engine.send(
-            CreateArrays(str(root), self.token, tensors, self.dims.tp, self.dims.rank, self.dims.world_size, timeout_s)
-        )
+        create = CreateArrays(str(root), self.token, tensors, self.dims.tp, timeout_s)
         finish = FinishStep(
             root=str(root),
             step=step,
@@ -105,7 +109,7 @@ class Checkpointer:
             keep_every=self.config.keep_every,
             timeout_s=timeout_s,
         )
-        self.engine.stage(str(root), self._pieces, self.dims.tp_rank, self.dims.tp, finish)
+        self.engine.stage(create, self._pieces, self.dims.tp_rank, self.dims.tp, finish)
 
     def wait_staged(self) -> None:
         """Before the next optimizer step: the state being saved must not change under the copy."""
@@ -127,7 +131,11 @@ class Checkpointer:
 
         A writer's failure on any rank stops every rank with that rank's message.
         """
-        on_all_ranks(lambda: self.engine.wait_written(60.0 * self.timeout_minutes), (CheckpointError,), self.group)
+        timeout_s = 60.0 * self.timeout_minutes
+        # First every rank's own share, so that a rank whose writer is gone stops everyone at
+        # once; then rank 0's commits, which wait for every rank's share.
+        on_all_ranks(lambda: self.engine.wait_written(timeout_s), (CheckpointError,), self.group)
+        on_all_ranks(lambda: self.engine.wait_written(timeout_s, commits=True), (CheckpointError,), self.group)
 
     def save(self, step: int, run_state: dict) -> None:
         """A blocking save: begin, then wait for the commit."""

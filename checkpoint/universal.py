@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from checkpoint.layout import TensorLayout, chunk_shape, padding_region, padding_shape, tp_regions
+from checkpoint.layout import (
+    TensorLayout,
+    chunk_shape,
+    padding_chunk_shape,
+    padding_region,
+    padding_shape,
+    tp_regions,
+)
 
 if TYPE_CHECKING:  # the writer process imports this module and needs no torch
     import torch
@@ -63,8 +70,8 @@ def create_arrays(root: Path, tensors: list[tuple[str, TensorLayout]], tp: int) 
             root, name, layout.shape, chunk_shape(layout, tp), {"layout": layout.to_attrs(), "saved_tp": tp}
         )
         if padding_shape(layout)[0]:
-            rows = padding_shape(layout)
-            _write_array_meta(root, name + PADDING_SUFFIX, rows, (1, *rows[1:]), {"padding_of": name})
+            meta = {"padding_of": name}
+            _write_array_meta(root, name + PADDING_SUFFIX, padding_shape(layout), padding_chunk_shape(layout), meta)
 
 
 @functools.cache

@@ -2,9 +2,11 @@
 
 It reads chunks from the shared-memory ring the trainer staged them in, writes and fsyncs
 each one, and frees its bytes in the ring. When a step's last chunk is written it leaves a
-`done/rank_R.json` marker; the writer of rank 0 waits for every marker, then commits
-(manifest, then `latest`) and applies retention. Coordination goes through files, never
-through a collective, so a dead rank or writer can only leave a checkpoint uncommitted.
+`done/rank_R.json` marker; the writer of rank 0 commits (manifest, then `latest`) once every
+marker is there, and applies retention. Coordination goes through files, never through a
+collective, so a dead rank or writer can only leave a checkpoint uncommitted. A writer
+never stops reading its trainer's requests to wait for another rank's: a commit waits on
+the side, so that a lost peer cannot back up the ring and stall training.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ChunkWrite:
     region: tuple[tuple[int, int], ...]
     ring_start: int
     shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    """The array's chunk shape (its zarr.json may be another rank's, not yet written)."""
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +55,7 @@ class ChunkWrite:
 
 @dataclass(frozen=True)
 class CreateArrays:
-    """Create this rank's share of a checkpoint's arrays, then mark it done in created/."""
+    """Create the metadata of this rank's share of a checkpoint's arrays."""
 
     root: str
     token: str
@@ -59,8 +63,6 @@ class CreateArrays:
     tensors: list[tuple[str, dict]]
     """(array name, TensorLayout attributes) of the arrays this rank creates."""
     tp: int
-    rank: int
-    world_size: int
     timeout_s: float
 
 
@@ -80,7 +82,11 @@ class FinishStep:
 
 @dataclass(frozen=True)
 class Flush:
+    """Reply once every request before this one is done; with `commits`, also once every
+    commit waiting for other ranks has been made or has timed out."""
+
     token: int
+    commits: bool
 
 
 HEADER_BYTES = 64
@@ -101,32 +107,89 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
     resource_tracker.unregister(shm._name, "shared_memory")
     freed, ring = ring_views(shm.buf, ring_size)
     written: dict[str, dict[str, list[str]]] = {}
-    arrays: dict[tuple[str, str], dict] = {}  # zarr.json of the arrays being written
-    pending: dict[str, CreateArrays] = {}
+    commits = PendingCommits(trainer_pid)
     try:
-        while (request := _next_request(requests)) is not None:
+        while True:
+            if commits and not requests.poll(COMMIT_POLL_S):
+                commits.make_ready()
+                continue
+            if (request := _next_request(requests)) is None:
+                break
             if isinstance(request, CreateArrays):
                 _create_arrays(request, trainer_pid)
-                pending[request.root] = request
             elif isinstance(request, ChunkWrite):
-                if request.root in pending:  # every rank's arrays must exist before the first chunk
-                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root), trainer_pid)
-                _write_chunk(request, ring, ring_size, written, arrays)
+                _write_chunk(request, ring, ring_size, written)
                 freed[0] = request.ring_start + request.nbytes
             elif isinstance(request, FinishStep):
-                if request.root in pending:
-                    _wait_for_markers(Path(request.root) / "created", pending.pop(request.root), trainer_pid)
-                _finish_step(request, written.pop(request.root, {}), trainer_pid)
-                arrays = {key: a for key, a in arrays.items() if key[0] != request.root}
+                _finish_step(request, written.pop(request.root, {}))
+                if request.commit:
+                    commits.add(request)
             elif isinstance(request, Flush):
+                if request.commits:
+                    commits.settle()
                 replies.send(("flushed", request.token))
             else:
                 raise TypeError(f"unknown request {request!r}")
-    except Exception:  # the trainer re-raises it at its next wait
+            commits.make_ready(at_most_every_s=COMMIT_POLL_S)
+    except Exception:  # the trainer re-raises it at its next check
         replies.send(("error", traceback.format_exc()))
     finally:
         del freed, ring
         shm.close()
+
+
+COMMIT_POLL_S = 0.05
+"""How often rank 0's writer looks for the markers of the saves it has yet to commit."""
+
+
+class PendingCommits:
+    """Rank 0's saves whose own share is written, each waiting for every rank's done marker."""
+
+    def __init__(self, trainer_pid: int):
+        self.trainer_pid = trainer_pid
+        self.waiting: list[tuple[FinishStep, float]] = []  # (request, deadline), oldest first
+        self.last_look = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting)
+
+    def add(self, request: FinishStep) -> None:
+        self.waiting.append((request, time.monotonic() + request.timeout_s))
+
+    def make_ready(self, at_most_every_s: float = 0.0) -> None:
+        """Commit, in step order, every save whose markers are all there; drop the expired."""
+        now = time.monotonic()
+        if not self.waiting or now - self.last_look < at_most_every_s:
+            return
+        self.last_look = now
+        if os.getppid() != self.trainer_pid:  # a job being torn down commits nothing more
+            self.waiting.clear()
+            return
+        while self.waiting:
+            request, deadline = self.waiting[0]
+            reports = _markers(Path(request.root) / "done", request.world_size)
+            if reports is None and now < deadline:
+                return
+            self.waiting.pop(0)
+            if reports is not None:
+                root = Path(request.root)
+                commit(root.parent, root, reports, request.step)
+                _apply_retention(root.parent, request.keep, request.keep_every)
+
+    def settle(self) -> None:
+        """Wait until every waiting save is committed or has expired."""
+        while self.waiting:
+            self.make_ready()
+            if self.waiting:
+                time.sleep(0.005)
+
+
+def _markers(directory: Path, world_size: int) -> list | None:
+    """Every rank's marker in `directory`, or None while one is missing."""
+    paths = [directory / f"rank_{rank:05d}.json" for rank in range(world_size)]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def _next_request(requests: Connection):
@@ -141,12 +204,11 @@ def _create_arrays(request: CreateArrays, trainer_pid: int) -> None:
     _wait_for_root(root, request.token, request.timeout_s, trainer_pid)
     tensors = [(name, TensorLayout.from_attrs(attrs)) for name, attrs in request.tensors]
     create_arrays(root, tensors, request.tp)
-    (root / "created").mkdir(exist_ok=True)
-    write_json_atomic(root / "created" / f"rank_{request.rank:05d}.json", len(tensors))
 
 
 def _wait_for_root(root: Path, token: str, timeout_s: float, trainer_pid: int) -> None:
-    """Rank 0's trainer creates the root group; a leftover from an earlier attempt has another token."""
+    """Rank 0's trainer creates the root group before any rank hands a save over (shared
+    file systems may show it late); a leftover from an earlier attempt has another token."""
 
     def root_is_ours() -> bool:
         try:
@@ -168,27 +230,23 @@ def _wait_until(condition, timeout_s: float, trainer_pid: int) -> bool:
     return True
 
 
-def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict, arrays: dict) -> None:
+def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict) -> None:
     offset = request.ring_start % ring_size
     data = ring[offset : offset + request.nbytes].view(np.float32).reshape(request.shape)
-    root = Path(request.root)
-    key = (request.root, request.array)
-    if key not in arrays:
-        arrays[key] = json.loads((root / request.array / "zarr.json").read_text())
-    chunks = arrays[key]["chunk_grid"]["configuration"]["chunk_shape"]
-    index = [start // size for (start, _), size in zip(request.region, chunks, strict=True)]
+    index = [start // size for (start, _), size in zip(request.region, request.chunks, strict=True)]
     chunk_key = "/".join(["c", *map(str, index)])
-    path = root / request.array / chunk_key
+    path = Path(request.root) / request.array / chunk_key
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(encode_chunk(data, tuple(chunks)))
+        f.writelines(encode_chunk(data, request.chunks))
         f.flush()
         os.fsync(f.fileno())
     written.setdefault(request.root, {}).setdefault(request.array, []).append(chunk_key)
 
 
-def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> bytes:
-    """A chunk as the arrays' codecs store it: little-endian float32 bytes, then their CRC-32C.
+def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+    """A chunk as the arrays' codecs store it: little-endian float32 bytes, then their CRC-32C
+    (kept apart, so that a chunk's bytes are not copied once more to append four).
 
     Done here rather than through zarr's array API, whose per-call overhead made writing
     the chunks of a small model cost more than the bytes; every read of these chunks,
@@ -198,10 +256,10 @@ def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> bytes:
     if data.shape != chunk_shape:
         data = np.pad(data, [(0, full - part) for full, part in zip(chunk_shape, data.shape, strict=True)])
     raw = np.ascontiguousarray(data, dtype="<f4").tobytes()
-    return raw + np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
+    return raw, np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
 
 
-def _finish_step(request: FinishStep, report: dict[str, list[str]], trainer_pid: int) -> None:
+def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
     root = Path(request.root)
     _fsync_new_directories(root, report)
     (root / "rng").mkdir(exist_ok=True)
@@ -210,11 +268,6 @@ def _finish_step(request: FinishStep, report: dict[str, list[str]], trainer_pid:
     fsync_file(rng_path)
     (root / "done").mkdir(exist_ok=True)
     write_json_atomic(root / "done" / f"rank_{request.rank:05d}.json", report)
-    if request.commit:
-        reports = _wait_for_markers(root / "done", request, trainer_pid, required=False)
-        if reports is not None:
-            commit(root.parent, root, reports, request.step)
-            _apply_retention(root.parent, request.keep, request.keep_every)
 
 
 def _fsync_new_directories(root: Path, report: dict[str, list[str]]) -> None:
@@ -228,18 +281,6 @@ def _fsync_new_directories(root: Path, report: dict[str, list[str]]) -> None:
                 path = path.parent
     for directory in sorted(directories, key=lambda p: -len(p.parts)):
         fsync_file(directory)
-
-
-def _wait_for_markers(directory: Path, request, trainer_pid: int, required: bool = True) -> list | None:
-    """Every rank's marker in `directory`. If some rank's writer does not get there in time, or
-    our trainer is gone (a job being torn down commits nothing more): None, or an error when
-    `required`."""
-    paths = [directory / f"rank_{rank:05d}.json" for rank in range(request.world_size)]
-    if not _wait_until(lambda: all(p.is_file() for p in paths), request.timeout_s, trainer_pid):
-        if required:
-            raise TimeoutError(f"{directory}: not every rank got there in {request.timeout_s:.0f} s")
-        return None
-    return [json.loads(p.read_text()) for p in paths]
 
 
 def _apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
@@ -262,6 +303,8 @@ def main() -> None:
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--replies-fd", type=int, required=True)
     args = parser.parse_args()
+    # Background work: the writer runs only on CPU time that training leaves idle.
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     requests = Connection(args.requests_fd, writable=False)
     replies = Connection(args.replies_fd, readable=False)
     # The trainer that started us; once it is gone (we are re-parented) we stop waiting for anything.

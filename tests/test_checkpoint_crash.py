@@ -106,7 +106,14 @@ def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_confi
             assert victims, f"no {kind} process found to kill"
             os.kill(rng.choice(victims), signal.SIGKILL)
             kinds.append(kind)
-            output, _ = job.communicate(timeout=120)
+            try:
+                output, _ = job.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                pytest.fail(
+                    f"trial {trial}: the job did not stop within 120 s of killing a {kind}:\n"
+                    + job.communicate()[0][-4000:]
+                )
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
@@ -139,3 +146,39 @@ def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: flo
         assert job.poll() is None, job.stdout.read()[-3000:]
         time.sleep(0.05)
     pytest.fail("no checkpoint was committed in time")
+
+
+def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_config, tmp_path):
+    """Rank 1's writer dies between saves: both ranks stop at the next checkpoint, naming rank 1."""
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "trainer", str(crash_config)]
+    job = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=rank_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_a_new_commit(ckpt_dir, None, job, timeout=120)
+        victim = [pid for pid, cmd in descendants(job.pid) if "checkpoint.writer" in cmd and _rank_of(pid) == 1]
+        assert len(victim) == 1, descendants(job.pid)
+        os.kill(victim[0], signal.SIGKILL)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0
+    message = "stalwart: error: the checkpoint writer process died [rank 1]"
+    assert output.count(message) == 2, output[-3000:]  # the same line from each rank
+    assert assert_latest_is_complete(ckpt_dir) is not None
+
+
+def _rank_of(writer_pid: int) -> int:
+    """The RANK of the trainer that started this writer (writers inherit its environment)."""
+    environ = (Path("/proc") / str(writer_pid) / "environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])

@@ -85,7 +85,7 @@ def test_chunks_encoded_by_the_writer_read_back_through_plain_zarr(tmp_path):
     for index, rows in ((0, slice(0, 8)), (1, slice(8, 13))):
         path = tmp_path / "model" / "w" / "c" / str(index) / "0"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_chunk(values[rows], (8, 3)))
+        path.write_bytes(b"".join(encode_chunk(values[rows], (8, 3))))
     np.testing.assert_array_equal(zarr.open(str(tmp_path / "model" / "w"), mode="r")[...], values)
     data = bytearray(path.read_bytes())
     data[0] ^= 1

@@ -20,21 +20,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     quiet_megatron_fallback_warnings()
+    trainer = None
     try:
         from trainer.config import load_config
         from trainer.loop import Trainer
 
         trainer = Trainer(load_config(args.config, args.overrides))
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+        trainer.fit()
     except (ConfigError, DataError, CheckpointError, RankFailed) as e:
+        # Said before closing: once one rank exits, torchrun stops the others.
         print(f"stalwart: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"stalwart: rank {rank} interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        if trainer is not None:
+            trainer.close()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,11 @@ class Trainer:
         cfg = self.config.train
         log = MetricsLog(self.run_dir / "metrics.jsonl", start_step=self.step) if self.is_logger else None
         progress = Progress(cfg.steps, self.step, enabled=self.is_logger and self.config.run.progress)
+        # The model, optimizer and data live as long as the run: moving them out of the
+        # collector's reach turns its full collections from a ~0.2 s pause of one rank (which
+        # stalls every rank at the next collective) into a scan of this step's garbage only.
+        gc.collect()
+        gc.freeze()
         try:
             while self.step < cfg.steps:
                 record = self._train_one_step()
@@ -136,6 +142,7 @@ class Trainer:
                 progress.update(record)
             self.checkpointer.finish()
         finally:
+            gc.unfreeze()
             progress.close()
             if log:
                 log.close()
