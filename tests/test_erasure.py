@@ -1,0 +1,76 @@
+"""Erasure codes and their placement over a group of daemons."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from checkpoint.erasure import ErasureError, block_bytes, make_code, stripes
+
+
+@pytest.mark.parametrize("nodes,parity", [(3, 1), (4, 1), (6, 2), (7, 3), (8, 2)])
+def test_every_block_has_one_stripe_and_any_m_lost_nodes_leave_every_stripe_decodable(nodes, parity):
+    k = nodes - parity
+    plan = stripes(nodes, parity)
+    assert len(plan) == nodes
+    for node in range(nodes):
+        blocks = [s.block_of(node) for s in plan if node in s.data_nodes]
+        assert sorted(blocks) == list(range(k)), f"node {node} must give each of its {k} blocks to one stripe"
+        assert sum(node in s.parity_nodes for s in plan) == parity
+    for s in plan:
+        assert len(set(s.data_nodes)) == k and not set(s.data_nodes) & set(s.parity_nodes)
+    for lost in itertools.combinations(range(nodes), parity):
+        for s in plan:
+            survivors = [n for n in (*s.data_nodes, *s.parity_nodes) if n not in lost]
+            assert len(survivors) >= k
+
+
+@pytest.mark.parametrize("k,m", [(3, 1), (4, 2), (5, 3), (1, 1), (2, 2)])
+@pytest.mark.parametrize("length", [1, 63, 64, 1000, 4096 + 17])
+def test_any_m_lost_blocks_are_rebuilt_exactly(k, m, length):
+    rng = np.random.default_rng(k * 100 + m + length)
+    code = make_code(k, m)
+    data = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(k)]
+    parity = [np.zeros(length, np.uint8) for _ in range(m)]
+    code.encode(data, parity)
+    blocks = data + parity
+    if m == 1:  # XOR parity is what it says
+        np.testing.assert_array_equal(parity[0], np.bitwise_xor.reduce(np.stack(data)))
+    for count in range(1, m + 1):
+        for lost in itertools.combinations(range(k + m), count):
+            present = {p: b for p, b in enumerate(blocks) if p not in lost}
+            rebuilt = {p: np.full(length, 0xAA, np.uint8) for p in lost}
+            code.decode(present, rebuilt)
+            for p in lost:
+                np.testing.assert_array_equal(rebuilt[p], blocks[p], err_msg=f"position {p} of lost {lost}")
+
+
+def test_threads_split_the_work_without_changing_the_result():
+    rng = np.random.default_rng(7)
+    length = (3 << 20) + 123
+    data = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(4)]
+    one, two = [np.zeros(length, np.uint8) for _ in range(2)], [np.zeros(length, np.uint8) for _ in range(2)]
+    make_code(4, 2, threads=1).encode(data, one)
+    make_code(4, 2, threads=2).encode(data, two)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_too_many_losses_and_bad_groups_are_refused_with_a_reason():
+    code = make_code(3, 1)
+    blocks = [np.zeros(64, np.uint8) for _ in range(4)]
+    with pytest.raises(ErasureError, match="one lost block"):
+        code.decode({0: blocks[0], 1: blocks[1]}, {2: blocks[2], 3: blocks[3]})
+    with pytest.raises(ErasureError, match="at least 4 needed"):
+        make_code(4, 2).decode({0: blocks[0]}, {1: blocks[1]})
+    with pytest.raises(ErasureError, match="need at least 4"):
+        stripes(3, 2)
+    with pytest.raises(ErasureError, match="one length"):
+        code.encode([np.zeros(64, np.uint8), np.zeros(64, np.uint8), np.zeros(65, np.uint8)], [blocks[3]])
+
+
+def test_block_size_covers_the_largest_share_and_is_aligned():
+    for share in (0, 1, 63, 64, 1000, 10**6 + 1):
+        for k in (1, 3, 5):
+            size = block_bytes(share, k)
+            assert size % 64 == 0 and size * k >= share
