@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     export.add_argument("out")
     export.set_defaults(func=cmd_ckpt_export_hf)
+
+    from checkpoint import daemon
+
+    serve = commands.add_parser("daemon", help="run this node's in-memory snapshot daemon (gRPC)")
+    daemon.add_arguments(serve)
+    serve.set_defaults(func=daemon.run)
     return parser
 
 

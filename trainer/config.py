@@ -12,7 +12,7 @@ from typing import Literal
 
 import yaml
 
-from checkpoint.config import CheckpointConfig
+from checkpoint.config import CheckpointConfig, SnapshotConfig
 from parallel.config import ParallelConfig
 from trainer.schema import ConfigError, apply_override, from_dict
 
@@ -182,6 +182,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError on the first problem; with a world size also check the layout fits it."""
@@ -190,6 +191,7 @@ class Config:
         self.data.validate()
         self.parallel.validate()
         self.checkpoint.validate()
+        self.snapshot.validate()
         dp = self.parallel.data_parallel_size(world_size) if world_size else (self.parallel.dp or 1)
         self.train.validate(dp)
         self._validate_layout()

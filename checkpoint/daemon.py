@@ -1,0 +1,272 @@
+"""The snapshot daemon: one process per node serving its SnapshotStore over gRPC.
+
+`stalwart daemon CONFIG --job ID --node N --ranks 0,1,...` (or `python -m checkpoint.daemon`).
+Every call needs the job's id and secret token (see checkpoint/proto/snapshot.proto); the
+standard grpc.health.v1 service answers without them, so that launchers can wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from checkpoint.config import SnapshotConfig
+from checkpoint.proto import snapshot_pb2 as pb
+from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
+from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore
+
+SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
+JOB_KEY = "x-stalwart-job"
+STREAM_CHUNK = 1 << 20
+"""Bytes per streamed message: far below any sensible message-size limit."""
+
+_STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def read_token(path: str | Path) -> str:
+    """The job's secret; refused if others than its owner could read the file."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except OSError as e:
+        raise SnapshotError("invalid", f"cannot read the token file {path}: {e.strerror}") from e
+    if mode & 0o077:
+        raise SnapshotError("invalid", f"token file {path} is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+    if len(token) < 16:
+        raise SnapshotError("invalid", f"token file {path} holds no token of at least 16 characters")
+    return token
+
+
+def write_token(path: str | Path) -> str:
+    """Create a fresh job token in `path`, readable by its owner only."""
+    import secrets
+
+    token = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Refuses every call to the snapshot service that lacks this job's id and token."""
+
+    def __init__(self, job: str, token: str):
+        self.job, self.secret = job.encode(), f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        if not details.method.startswith(f"/{SERVICE}/"):
+            return continuation(details)  # health checks
+        metadata = dict(details.invocation_metadata)
+        job, auth = metadata.get(JOB_KEY, ""), metadata.get("authorization", "")
+        if not hmac.compare_digest(str(auth).encode(), self.secret):
+            return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong job token")
+        if not hmac.compare_digest(str(job).encode(), self.job):
+            return _refusal(grpc.StatusCode.PERMISSION_DENIED, "this daemon serves another job")
+        return continuation(details)
+
+
+def _refusal(code: grpc.StatusCode, message: str):
+    def refuse(request, context):
+        context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=None, response_serializer=None)
+
+
+def _mapped(method):
+    """Store errors become the matching gRPC status; the daemon keeps serving."""
+
+    def call(self, request, context):
+        try:
+            return method(self, request, context)
+        except SnapshotError as e:
+            context.abort(_STATUS[e.kind], str(e))
+
+    call.__name__ = method.__name__
+    return call
+
+
+class Servicer(pb_grpc.SnapshotDaemonServicer):
+    def __init__(self, store: SnapshotStore):
+        self.store = store
+
+    @_mapped
+    def Reserve(self, request, context):
+        name = self.store.reserve(request.step, request.rank, request.nbytes)
+        return pb.ReserveReply(segment=name, nbytes=request.nbytes)
+
+    @_mapped
+    def Deliver(self, request, context):
+        buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32) for b in request.buffers]
+        delivered, expected = self.store.deliver(request.step, request.rank, buffers)
+        return pb.DeliverReply(delivered_ranks=delivered, expected_ranks=expected)
+
+    @_mapped
+    def Commit(self, request, context):
+        missing = self.store.commit(request.step)
+        return pb.CommitReply(committed=not missing, missing_ranks=missing)
+
+    @_mapped
+    def List(self, request, context):
+        return pb.ListReply(snapshots=_infos(self.store))
+
+    @_mapped
+    def Locate(self, request, context):
+        name, buffers = self.store.locate(request.step, request.rank)
+        return pb.LocateReply(segment=name, buffers=[_buffer(b) for b in buffers])
+
+    def Fetch(self, request, context):
+        try:
+            _, buffers = self.store.locate(request.step, request.rank)
+            size = self.store.segment_size(request.step, request.rank)
+        except SnapshotError as e:
+            context.abort(_STATUS[e.kind], str(e))
+        yield pb.DataChunk(offset=0, data=b"", buffers=[_buffer(b) for b in buffers])
+        for offset in range(0, size, STREAM_CHUNK):
+            try:
+                data = self.store.read(request.step, request.rank, offset, STREAM_CHUNK)
+            except SnapshotError as e:  # dropped while being read
+                context.abort(_STATUS[e.kind], str(e))
+            yield pb.DataChunk(offset=offset, data=data)
+
+    @_mapped
+    def Verify(self, request, context):
+        problems = self.store.verify(request.step)
+        return pb.VerifyReply(ok=not problems, problems=problems)
+
+    @_mapped
+    def Drop(self, request, context):
+        return pb.DropReply(dropped=self.store.drop(request.step))
+
+    @_mapped
+    def Status(self, request, context):
+        store = self.store
+        return pb.StatusReply(
+            job=store.job,
+            node=store.node,
+            memory_used=store.memory_used(),
+            memory_limit=store.memory_limit,
+            expected_ranks=store.expected,
+            snapshots=_infos(store),
+        )
+
+
+def _buffer(b: BufferInfo) -> pb.Buffer:
+    return pb.Buffer(name=b.name, offset=b.offset, nbytes=b.nbytes, crc32=b.crc32)
+
+
+def _infos(store: SnapshotStore) -> list[pb.SnapshotInfo]:
+    return [
+        pb.SnapshotInfo(step=step, nbytes=nbytes, ranks=ranks, committed=committed)
+        for step, nbytes, ranks, committed in store.listing()
+    ]
+
+
+def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int]:
+    """Start the daemon's gRPC server; returns it and the port it is bound to."""
+    limit = config.max_message_mb << 20
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="stalwart-daemon"),
+        interceptors=[TokenCheck(store.job, token)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        maximum_concurrent_rpcs=64,
+    )
+    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise SnapshotError("invalid", f"cannot bind the snapshot daemon to {config.listen}")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def parse_ranks(text: str) -> list[int]:
+    """Rank lists like "0,1,4-7" -> [0, 1, 4, 5, 6, 7]."""
+    ranks = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+            raise SnapshotError("invalid", f"--ranks: {text!r} is not a list like 0,1,4-7")
+        ranks += range(int(first), int(last or first) + 1)
+    return ranks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The daemon's command line, shared by `stalwart daemon` and `python -m checkpoint.daemon`."""
+    parser.add_argument("config", nargs="?", help="run config (its snapshot section); defaults otherwise")
+    parser.add_argument("--job", required=True, help="the job's id (clients must send the same)")
+    parser.add_argument("--node", type=int, default=0, help="this node's index in its group")
+    parser.add_argument("--ranks", required=True, help="the job's ranks on this node, e.g. 0-7")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stalwart daemon", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; exit 2 with one line naming a bad config or token file."""
+    try:
+        config, token_file = _daemon_config(args.config, args.overrides)
+        store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep)
+        server, port = serve(config, store, read_token(token_file))
+    except SnapshotError as e:
+        print(f"stalwart daemon: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    host = config.listen.rpartition(":")[0]
+    print(f"stalwart daemon: job {args.job} node {args.node} listening on {host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    store.close()
+    return 0
+
+
+def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConfig, Path]:
+    from trainer.config import load_config
+    from trainer.schema import ConfigError
+
+    try:
+        if path:
+            config = load_config(path, overrides)
+            run_dir = Path(config.run.dir)
+            snapshot = config.snapshot
+        else:
+            from trainer.schema import apply_override, from_dict
+
+            raw: dict = {}
+            for assignment in overrides:
+                apply_override(raw, assignment)
+            snapshot = from_dict(SnapshotConfig, raw.get("snapshot", {}), "snapshot")
+            snapshot.validate()
+            run_dir = Path(".")
+    except ConfigError as e:
+        raise SnapshotError("invalid", str(e)) from e
+    return snapshot, Path(snapshot.token_file or run_dir / "snapshot.token")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

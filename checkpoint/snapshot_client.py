@@ -1,0 +1,110 @@
+"""A rank's (and the operator CLI's) handle on a snapshot daemon.
+
+client = SnapshotClient("127.0.0.1:50151", job="j42", token=read_token(path))
+client.deliver(step, rank, {"model/w": tensor_bytes, ...})   # into the daemon's memory
+client.commit(step)                                          # once every rank delivered
+buffers = client.fetch(step, rank)                           # after a restart
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import grpc
+import numpy as np
+
+from checkpoint.daemon import JOB_KEY
+from checkpoint.proto import snapshot_pb2 as pb
+from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
+from checkpoint.snapshot_store import attach
+
+ALIGN = 64
+"""Buffers start at multiples of this in a segment (cache lines; SIMD-friendly reads)."""
+
+
+class SnapshotClient:
+    def __init__(self, address: str, job: str, token: str, deadline_s: float = 30.0, max_message_mb: int = 4):
+        limit = max_message_mb << 20
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.SnapshotDaemonStub(self.channel)
+        self.metadata = ((JOB_KEY, job), ("authorization", f"Bearer {token}"))
+        self.deadline_s = deadline_s
+
+    def _call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.deadline_s, metadata=self.metadata)
+
+    def deliver(self, step: int, rank: int, buffers: Mapping[str, object]) -> pb.DeliverReply:
+        """Copy `buffers` (name -> bytes-like or contiguous array) into a daemon-owned segment."""
+        views = {name: _bytes_view(value) for name, value in buffers.items()}
+        offsets, size = {}, 0
+        for name, view in views.items():
+            offsets[name] = size
+            size += -(-view.nbytes // ALIGN) * ALIGN
+        reply = self._call("Reserve", pb.ReserveRequest(step=step, rank=rank, nbytes=size))
+        shm = attach(reply.segment)
+        try:
+            table = []
+            for name, view in views.items():
+                start = offsets[name]
+                shm.buf[start : start + view.nbytes] = view
+                crc = zlib.crc32(shm.buf[start : start + view.nbytes])
+                table.append(pb.Buffer(name=name, offset=start, nbytes=view.nbytes, crc32=crc))
+        finally:
+            shm.close()
+        return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
+
+    def commit(self, step: int) -> pb.CommitReply:
+        return self._call("Commit", pb.CommitRequest(step=step))
+
+    def list(self) -> list[pb.SnapshotInfo]:
+        return list(self._call("List", pb.ListRequest()).snapshots)
+
+    def status(self) -> pb.StatusReply:
+        return self._call("Status", pb.StatusRequest())
+
+    def verify(self, step: int) -> pb.VerifyReply:
+        return self._call("Verify", pb.VerifyRequest(step=step))
+
+    def drop(self, step: int) -> bool:
+        return self._call("Drop", pb.DropRequest(step=step)).dropped
+
+    def fetch(self, step: int, rank: int) -> dict[str, bytes]:
+        """A rank's buffers of a committed step, mapped from the daemon's segment (same node)."""
+        reply = self._call("Locate", pb.FetchRequest(step=step, rank=rank))
+        shm = attach(reply.segment)
+        try:
+            return {b.name: bytes(shm.buf[b.offset : b.offset + b.nbytes]) for b in reply.buffers}
+        finally:
+            shm.close()
+
+    def fetch_streamed(self, step: int, rank: int) -> dict[str, bytes]:
+        """The same over the network, in chunks (from another node, or the CLI)."""
+        chunks = self.stub.Fetch(pb.FetchRequest(step=step, rank=rank), timeout=self.deadline_s, metadata=self.metadata)
+        first = next(chunks)
+        data = bytearray()
+        for chunk in chunks:
+            if chunk.offset != len(data):
+                raise ValueError(f"stream out of order at byte {chunk.offset}")
+            data += chunk.data
+        out = {}
+        for b in first.buffers:
+            value = bytes(data[b.offset : b.offset + b.nbytes])
+            if zlib.crc32(value) != b.crc32:
+                raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
+            out[b.name] = value
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _bytes_view(value) -> memoryview:
+    if isinstance(value, np.ndarray):
+        if not value.flags.c_contiguous:
+            raise ValueError("snapshot buffers must be contiguous arrays")
+        return memoryview(value.reshape(-1).view(np.uint8))
+    if hasattr(value, "numpy"):  # a CPU torch tensor
+        return _bytes_view(value.detach().contiguous().numpy())
+    return memoryview(value).cast("B")

@@ -1,0 +1,243 @@
+"""The snapshot daemon as a real process on loopback: deliveries, commits, limits, security."""
+
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from checkpoint.daemon import write_token
+from checkpoint.proto import snapshot_pb2 as pb
+from checkpoint.snapshot_client import SnapshotClient
+from tests.conftest import REPO, rank_env
+
+JOB = "job-test"
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, ranks: str = "0,1", memory_mb: int = 64, job: str = JOB):
+        self.token_file = tmp_path / f"{job}.token"
+        self.token = write_token(self.token_file)
+        command = [sys.executable, "-m", "checkpoint.daemon", "--job", job, "--ranks", ranks]
+        command += ["--set", "snapshot.listen=127.0.0.1:0", "--set", f"snapshot.memory_mb={memory_mb}"]
+        command += ["--set", f"snapshot.token_file={self.token_file}", "--set", "snapshot.max_message_mb=1"]
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=rank_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        line = self.process.stdout.readline()
+        match = re.search(r"listening on (\S+)", line)
+        assert match, line + self.process.stderr.read()
+        self.address = match.group(1)
+
+    def client(self, token: str | None = None, job: str = JOB) -> SnapshotClient:
+        return SnapshotClient(self.address, job, token or self.token, deadline_s=10, max_message_mb=1)
+
+    def healthy(self) -> bool:
+        with grpc.insecure_channel(self.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+def buffers_of(rank: int, step: int, size: int = 1 << 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(rank * 1000 + step)
+    return {
+        "model/w": rng.standard_normal(size // 4, dtype=np.float32),
+        "optim/exp_avg/w": rng.standard_normal(size // 8, dtype=np.float32),
+        "rng": np.frombuffer(rng.bytes(77), np.uint8),
+    }
+
+
+def test_a_step_commits_only_when_every_rank_delivered_and_reads_back_byte_identical(daemon):
+    client = daemon.client()
+    client.deliver(5, 0, buffers_of(0, 5))
+    assert client.commit(5).missing_ranks == [1]
+    assert client.list() == []  # half-delivered: invisible
+    client.deliver(5, 1, buffers_of(1, 5))
+    assert client.commit(5).committed
+    [info] = client.list()
+    assert (info.step, list(info.ranks)) == (5, [0, 1])
+    for rank in (0, 1):
+        expected = {k: v.tobytes() for k, v in buffers_of(rank, 5).items()}
+        assert client.fetch(5, rank) == expected
+        assert client.fetch_streamed(5, rank) == expected
+    assert client.verify(5).ok
+
+
+def test_the_previous_snapshot_stays_until_the_next_is_committed(daemon):
+    client = daemon.client()
+    for rank in (0, 1):
+        client.deliver(1, rank, buffers_of(rank, 1))
+    client.commit(1)
+    client.deliver(2, 0, buffers_of(0, 2))
+    assert [s.step for s in client.list()] == [1]
+    assert client.fetch(1, 0)["model/w"] == buffers_of(0, 1)["model/w"].tobytes()
+    client.deliver(2, 1, buffers_of(1, 2))
+    client.commit(2)
+    assert [s.step for s in client.list()] == [2]
+    assert client.status().memory_used == client.list()[0].nbytes
+
+
+def test_segments_are_readable_by_the_jobs_user_only(daemon):
+    client = daemon.client()
+    segment = client._call("Reserve", pb.ReserveRequest(step=3, rank=0, nbytes=4096)).segment
+    mode = stat.S_IMODE(os.stat(f"/dev/shm/{segment.lstrip('/')}").st_mode)
+    assert mode == 0o600
+
+
+def test_a_delivery_past_the_memory_limit_is_refused_and_nothing_is_lost(daemon):
+    client = daemon.client()
+    for rank in (0, 1):
+        client.deliver(1, rank, buffers_of(rank, 1))
+    client.commit(1)
+    with pytest.raises(grpc.RpcError) as refused:
+        client.deliver(2, 0, {"big": np.zeros(70 << 20, np.uint8)})
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory limit" in refused.value.details()
+    assert client.fetch(1, 1)["rng"] == buffers_of(1, 1)["rng"].tobytes()
+    assert daemon.process.poll() is None
+
+
+def test_bad_requests_get_a_status_naming_the_problem(daemon):
+    client = daemon.client()
+    cases = [
+        (lambda: client.deliver(1, 7, {"x": b"1"}), grpc.StatusCode.INVALID_ARGUMENT, "not one of this node's ranks"),
+        (lambda: client.fetch(9, 0), grpc.StatusCode.NOT_FOUND, "no committed snapshot of step 9"),
+        (lambda: client.commit(4), grpc.StatusCode.NOT_FOUND, "no rank delivered step 4"),
+        (
+            lambda: client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=[pb.Buffer(name="x")])),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "reserved no segment",
+        ),
+    ]
+    for call, code, words in cases:
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == code and words in refused.value.details(), refused.value.details()
+    client._call("Reserve", pb.ReserveRequest(step=8, rank=0, nbytes=128))
+    overlapping = [pb.Buffer(name="a", offset=0, nbytes=64), pb.Buffer(name="b", offset=32, nbytes=64)]
+    with pytest.raises(grpc.RpcError, match="overlap"):
+        client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=overlapping))
+    wrong_crc = [pb.Buffer(name="a", offset=0, nbytes=64, crc32=1)]
+    with pytest.raises(grpc.RpcError, match="checksum mismatch"):
+        client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=wrong_crc))
+
+
+def test_calls_without_the_jobs_token_are_refused_and_the_daemon_keeps_serving(daemon):
+    owner = daemon.client()
+    for rank in (0, 1):
+        owner.deliver(1, rank, buffers_of(rank, 1))
+    owner.commit(1)
+    intruders = [
+        (daemon.client(token="x" * 64), grpc.StatusCode.UNAUTHENTICATED),
+        (daemon.client(job="another-job"), grpc.StatusCode.PERMISSION_DENIED),
+    ]
+    anonymous = daemon.client()
+    anonymous.metadata = ()
+    intruders.append((anonymous, grpc.StatusCode.UNAUTHENTICATED))
+    for intruder, code in intruders:
+        for call in (intruder.list, lambda i=intruder: i.fetch_streamed(1, 0), lambda i=intruder: i.drop(1)):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == code
+        with pytest.raises(grpc.RpcError):
+            intruder.deliver(2, 0, {"x": b"1"})
+    assert [s.step for s in owner.list()] == [1] and owner.verify(1).ok
+    assert daemon.healthy()
+
+
+def test_oversized_and_malformed_messages_are_refused(daemon):
+    client = daemon.client()
+    huge = pb.DeliverRequest(step=1, rank=0, buffers=[pb.Buffer(name="x" * (2 << 20))])
+    with pytest.raises(grpc.RpcError) as refused:
+        client._call("Deliver", huge)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw = client.channel.unary_unary("/stalwart.snapshot.v1.SnapshotDaemon/Deliver")
+    for garbage in (b"\xff" * 40, b"\x0a\xff\xff\xff\xff\x0f", bytes(random.Random(1).randbytes(300))):
+        with pytest.raises(grpc.RpcError) as refused:
+            raw(garbage, timeout=10, metadata=client.metadata)
+        assert refused.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    assert daemon.healthy() and client.list() == []
+
+
+def test_a_rank_killed_while_delivering_never_exposes_a_half_delivered_step(daemon, tmp_path):
+    """SIGKILL a rank process at random points of its deliveries: the last committed step stays intact."""
+    client = daemon.client()
+    for rank in (0, 1):
+        client.deliver(0, rank, buffers_of(rank, 0, 8 << 20))
+    client.commit(0)
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import sys\n"
+        "from checkpoint.snapshot_client import SnapshotClient\n"
+        "from tests.test_snapshot_daemon import buffers_of\n"
+        f"c = SnapshotClient({daemon.address!r}, {JOB!r}, {daemon.token!r})\n"
+        "for step in range(1, 1000):\n"
+        "    c.deliver(step, 0, buffers_of(0, step, 8 << 20))\n"
+    )
+    rng = random.Random(4)
+    for _ in range(5):
+        rank = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=rank_env(1))
+        time.sleep(rng.uniform(0.5, 2.0))
+        rank.kill()
+        rank.wait()
+        assert [s.step for s in client.list()] == [0]
+        for r in (0, 1):
+            assert client.fetch(0, r)["model/w"] == buffers_of(r, 0, 8 << 20)["model/w"].tobytes()
+        assert client.verify(0).ok
+
+
+def test_the_generated_grpc_modules_match_the_checked_in_proto(tmp_path):
+    """Compared as descriptors, not text, so that another protoc version does not matter."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    out = tmp_path / "snapshot.desc"
+    assert protoc.main(["protoc", f"-I{REPO}", f"--descriptor_set_out={out}", "checkpoint/proto/snapshot.proto"]) == 0
+    fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    for message in fresh.message_type:  # the generated modules leave out the derived JSON names
+        for field in message.field:
+            field.ClearField("json_name")
+    assert fresh == descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb), (
+        "checkpoint/proto is stale: run python -m checkpoint.proto"
+    )
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path):
+    token = tmp_path / "token"
+    write_token(token)
+    token.chmod(0o644)
+    command = [sys.executable, "-m", "checkpoint.daemon", "--job", JOB, "--ranks", "0"]
+    command += ["--set", "snapshot.listen=127.0.0.1:0", "--set", f"snapshot.token_file={token}"]
+    done = subprocess.run(command, cwd=REPO, env=rank_env(1), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "readable by others" in done.stderr, done.stderr
