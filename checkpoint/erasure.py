@@ -102,6 +102,20 @@ class Code:
         rows = bytes(self._matrix[self.k * self.k :])
         self._apply(rows, data, parity)
 
+    def accumulate(self, parity: int, source: int, data: np.ndarray, out: np.ndarray) -> None:
+        """Add data block `source`'s contribution to parity block `parity` (0..m-1) in place.
+
+        Parity is linear, so a parity holder can fold in each data block (or a range of it)
+        as it arrives, in any order, holding nothing but the parity itself.
+        """
+        self._check([data], 1, [out], 1)
+        row = self._matrix[(self.k + parity) * self.k : (self.k + parity + 1) * self.k]
+        lib = _isal()
+        tables = (ctypes.c_ubyte * (self.k * 32))()
+        lib.ec_init_tables(self.k, 1, ctypes.c_char_p(bytes(row)), tables)
+        coding = (_POINTER * 1)(_pointer(out, 0))
+        lib.ec_encode_data_update(data.size, self.k, 1, source, tables, _pointer(data, 0), coding)
+
     def decode(self, present: dict[int, np.ndarray], lost: dict[int, np.ndarray]) -> None:
         """Rebuild the blocks at the positions of `lost` (filled in place) from k of `present`."""
         if len(present) < self.k:
@@ -148,6 +162,10 @@ class XorCode(Code):
     def encode(self, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
         self._check(data, self.k, parity, 1)
         _xor_into(parity[0], data)
+
+    def accumulate(self, parity: int, source: int, data: np.ndarray, out: np.ndarray) -> None:
+        self._check([data], 1, [out], 1)
+        np.bitwise_xor(out, data, out=out)
 
     def decode(self, present: dict[int, np.ndarray], lost: dict[int, np.ndarray]) -> None:
         if not lost:

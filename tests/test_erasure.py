@@ -74,3 +74,22 @@ def test_block_size_covers_the_largest_share_and_is_aligned():
         for k in (1, 3, 5):
             size = block_bytes(share, k)
             assert size % 64 == 0 and size * k >= share
+
+
+@pytest.mark.parametrize("k,m", [(3, 1), (4, 2), (3, 3)])
+def test_parity_folded_in_piece_by_piece_in_any_order_equals_the_encoded_parity(k, m):
+    rng = np.random.default_rng(11)
+    length = 5000
+    data = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(k)]
+    code = make_code(k, m)
+    expected = [np.zeros(length, np.uint8) for _ in range(m)]
+    code.encode(data, expected)
+    folded = [np.zeros(length, np.uint8) for _ in range(m)]
+    pieces = [(i, start) for i in range(k) for start in range(0, length, 1024)]
+    rng.shuffle(pieces)
+    for i, start in pieces:
+        stop = min(start + 1024, length)
+        for j in range(m):
+            code.accumulate(j, i, data[i][start:stop], folded[j][start:stop])
+    for a, b in zip(expected, folded, strict=True):
+        np.testing.assert_array_equal(a, b)
