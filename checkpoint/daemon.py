@@ -20,8 +20,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from checkpoint.config import SnapshotConfig
+from checkpoint.erasure import ErasureError
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
+from checkpoint.snapshot_group import (
+    GroupPlan,
+    Peers,
+    block_chunks,
+    block_range,
+    newest_common_step,
+    rebuild,
+    send_share,
+)
 from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
@@ -103,8 +113,9 @@ def _mapped(method):
 
 
 class Servicer(pb_grpc.SnapshotDaemonServicer):
-    def __init__(self, store: SnapshotStore):
-        self.store = store
+    def __init__(self, store: SnapshotStore, peers: Peers | None = None):
+        self.store, self.peers = store, peers
+        self.encode_errors: dict[int, str] = {}
 
     @_mapped
     def Reserve(self, request, context):
@@ -115,12 +126,68 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Deliver(self, request, context):
         buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32) for b in request.buffers]
         delivered, expected = self.store.deliver(request.step, request.rank, buffers)
+        if delivered == expected and self.peers is not None:  # the node's share is whole: encode it
+            step = request.step
+            send_share(
+                self.store.group,
+                self.peers,
+                step,
+                self.store.share(step),
+                lambda offset, n: self.store.read_share(step, offset, n),
+                lambda s, e: self.encode_errors.__setitem__(s, f"{type(e).__name__}: {e}"),
+            )
         return pb.DeliverReply(delivered_ranks=delivered, expected_ranks=expected)
 
     @_mapped
     def Commit(self, request, context):
-        missing = self.store.commit(request.step)
-        return pb.CommitReply(committed=not missing, missing_ranks=missing)
+        missing, stripes = self.store.commit(request.step, request.prepare)
+        ready = not missing and not stripes
+        return pb.CommitReply(
+            committed=ready and not request.prepare, missing_ranks=missing, missing_stripes=stripes, ready=ready
+        )
+
+    @_mapped
+    def PutBlock(self, request_iterator, context):
+        for chunk in request_iterator:
+            self.store.add_parity(chunk)
+        return pb.PutBlockReply()
+
+    def GetBlock(self, request, context):
+        try:
+            chunks = self._block_chunks(request)
+        except SnapshotError as e:
+            context.abort(_STATUS[e.kind], str(e))
+        yield from chunks
+
+    def _block_chunks(self, request):
+        group = self.store.group
+        if group is None:
+            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        if not 0 <= request.stripe < len(group.stripes):
+            raise SnapshotError("invalid", f"no stripe {request.stripe} in a group of {len(group.stripes)}")
+        if request.parity:
+            data, meta = self.store.parity_block(request.step, request.stripe)
+            return list(block_chunks(request.step, request.stripe, group.node, _slicer(data), len(data), meta))
+        stripe = group.stripes[request.stripe]
+        if group.node not in stripe.data_nodes:
+            raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {request.stripe}")
+        self.store.locate(request.step, self.store.expected[0])  # committed, or NOT_FOUND
+        meta = self.store.share(request.step)
+        start, size = block_range(meta, group.k, stripe.block_of(group.node))
+        read = lambda offset, n: self.store.read_share(request.step, start + offset, n)  # noqa: E731
+        return block_chunks(request.step, request.stripe, group.node, read, size, meta)
+
+    @_mapped
+    def Rebuild(self, request, context):
+        if self.peers is None:
+            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        try:
+            step = newest_common_step(self.store.group, self.peers)
+            rebuilt = rebuild(self.store.group, self.peers, step)
+        except RuntimeError as e:
+            raise SnapshotError("precondition", f"cannot rebuild node {self.store.node}: {e}") from e
+        self.store.install(step, rebuilt.meta, rebuilt.data, rebuilt.parity)
+        return pb.RebuildReply(step=step, nbytes=len(rebuilt.data))
 
     @_mapped
     def List(self, request, context):
@@ -167,6 +234,10 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         )
 
 
+def _slicer(data: bytes):
+    return lambda offset, n: data[offset : offset + n]
+
+
 def _buffer(b: BufferInfo) -> pb.Buffer:
     return pb.Buffer(name=b.name, offset=b.offset, nbytes=b.nbytes, crc32=b.crc32)
 
@@ -178,16 +249,22 @@ def _infos(store: SnapshotStore) -> list[pb.SnapshotInfo]:
     ]
 
 
-def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int]:
+def serve(
+    config: SnapshotConfig, store: SnapshotStore, token: str, peers: list[str] | None = None
+) -> tuple[grpc.Server, int]:
     """Start the daemon's gRPC server; returns it and the port it is bound to."""
     limit = config.max_message_mb << 20
+    group = None
+    if peers:
+        metadata = ((JOB_KEY, store.job), ("authorization", f"Bearer {token}"))
+        group = Peers(store.group, metadata, config.deadline_s, limit)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="stalwart-daemon"),
         interceptors=[TokenCheck(store.job, token)],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         maximum_concurrent_rpcs=64,
     )
-    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store), server)
+    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, group), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(config.listen)
@@ -216,6 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, help="the job's id (clients must send the same)")
     parser.add_argument("--node", type=int, default=0, help="this node's index in its group")
     parser.add_argument("--ranks", required=True, help="the job's ranks on this node, e.g. 0-7")
+    parser.add_argument(
+        "--peers", help="every daemon of the node group, by node index (host:port,...); erasure-codes across them"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -229,8 +309,13 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; exit 2 with one line naming a bad config or token file."""
     try:
         config, token_file = _daemon_config(args.config, args.overrides)
-        store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep)
-        server, port = serve(config, store, read_token(token_file))
+        peers = args.peers.split(",") if args.peers else None
+        group = GroupPlan(args.node, peers, config.parity) if peers else None
+        store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
+        server, port = serve(config, store, read_token(token_file), peers)
+    except ErasureError as e:
+        print(f"stalwart daemon: error: --peers: {e}", file=sys.stderr, flush=True)
+        return 2
     except SnapshotError as e:
         print(f"stalwart daemon: error: {e}", file=sys.stderr, flush=True)
         return 2

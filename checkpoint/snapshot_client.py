@@ -55,8 +55,11 @@ class SnapshotClient:
             shm.close()
         return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
 
-    def commit(self, step: int) -> pb.CommitReply:
-        return self._call("Commit", pb.CommitRequest(step=step))
+    def commit(self, step: int, prepare: bool = False) -> pb.CommitReply:
+        return self._call("Commit", pb.CommitRequest(step=step, prepare=prepare))
+
+    def rebuild(self) -> pb.RebuildReply:
+        return self._call("Rebuild", pb.RebuildRequest())
 
     def list(self) -> list[pb.SnapshotInfo]:
         return list(self._call("List", pb.ListRequest()).snapshots)
@@ -108,3 +111,17 @@ def _bytes_view(value) -> memoryview:
     if hasattr(value, "numpy"):  # a CPU torch tensor
         return _bytes_view(value.detach().contiguous().numpy())
     return memoryview(value).cast("B")
+
+
+def commit_group(clients: list[SnapshotClient], step: int, timeout_s: float = 60.0) -> None:
+    """Commit `step` on every daemon of a group in two phases: once all are ready, all commit,
+    so that none drops its previous snapshot before the whole group holds this one."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(c.commit(step, prepare=True).ready for c in clients):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {step} did not become ready on every daemon in {timeout_s:.0f} s")
+        time.sleep(0.02)
+    for client in clients:
+        client.commit(step)

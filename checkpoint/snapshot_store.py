@@ -9,11 +9,16 @@ limit is refused, never an OOM kill. Thread-safe: the gRPC server calls it from 
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import zlib
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from checkpoint.snapshot_group import GroupPlan, ParityBlock, read_range, share_meta
 
 
 class SnapshotError(Exception):
@@ -57,11 +62,22 @@ class Step:
 
 
 class SnapshotStore:
-    def __init__(self, job: str, node: int, expected_ranks: list[int], memory_limit: int, keep: int = 1):
+    def __init__(
+        self,
+        job: str,
+        node: int,
+        expected_ranks: list[int],
+        memory_limit: int,
+        keep: int = 1,
+        group: GroupPlan | None = None,
+    ):
         self.job, self.node = job, node
         self.expected = sorted(expected_ranks)
         self.memory_limit, self.keep = memory_limit, keep
+        self.group = group
         self.steps: dict[int, Step] = {}
+        self.parity: dict[int, dict[int, ParityBlock]] = {}
+        """Step -> stripe -> the parity block this daemon holds for the group."""
         self.lock = threading.Lock()
 
     # -- deliveries ----------------------------------------------------------------------
@@ -108,18 +124,33 @@ class SnapshotStore:
             segment.buffers = list(buffers)
             return len(self.steps[step].delivered()), len(self.expected)
 
-    def commit(self, step: int) -> list[int]:
-        """Commit `step` if every expected rank delivered; the ranks still missing otherwise."""
+    def commit(self, step: int, prepare: bool = False) -> tuple[list[int], list[int]]:
+        """Commit `step` (with `prepare`, only check) once every expected rank delivered and
+        every parity block held for it is complete; (missing ranks, incomplete stripes)."""
         with self.lock:
-            entry = self.steps.get(step)
-            if entry is None:
-                raise SnapshotError("not_found", f"no rank delivered step {step}")
+            entry = self.steps.get(step, Step())  # ranks may not have started delivering yet
             missing = [r for r in self.expected if r not in entry.delivered()]
-            if missing or entry.committed:
-                return missing
+            stripes = self._incomplete_parity(step)
+            if missing or stripes or entry.committed or prepare:
+                return missing, stripes
             entry.committed = True
             self._drop_superseded(step)
+            return [], []
+
+    def local_complete(self, step: int) -> bool:
+        with self.lock:
+            entry = self.steps.get(step)
+            return entry is not None and entry.delivered() == self.expected
+
+    def _incomplete_parity(self, step: int) -> list[int]:
+        if self.group is None:
             return []
+        held = self.parity.get(step, {})
+        return [
+            s.index
+            for s in self.group.parity_stripes(self.node)
+            if s.index not in held or not held[s.index].complete(self.group.k)
+        ]
 
     def _drop_superseded(self, step: int) -> None:
         committed = sorted(s for s, e in self.steps.items() if e.committed)
@@ -128,6 +159,89 @@ class SnapshotStore:
         for s in doomed:
             for segment in self.steps.pop(s).segments.values():
                 _release(segment)
+        for s in [s for s in self.parity if s in doomed or (s < step and s not in self.steps)]:
+            del self.parity[s]
+
+    # -- the group: shares as blocks, parity held for others -------------------------------
+
+    def share(self, step: int) -> dict:
+        """The description of this node's share of `step` (its ranks' segments in order)."""
+        with self.lock:
+            entry = self.steps[step]
+            return share_meta([(r, entry.segments[r].nbytes, entry.segments[r].buffers or []) for r in self.expected])
+
+    def read_share(self, step: int, start: int, length: int) -> bytes:
+        with self.lock:
+            entry = self.steps.get(step)
+            if entry is None:
+                raise SnapshotError("not_found", f"step {step} was dropped")
+            views = [entry.segments[r].view() for r in self.expected]
+            try:
+                return read_range(views, start, length)
+            finally:
+                for view in views:
+                    view.release()
+
+    def add_parity(self, chunk) -> None:
+        """Fold one chunk of another node's data block into the parity block held for it."""
+        group = self.group
+        if group is None:
+            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        stripe = next((s for s in group.stripes if s.index == chunk.stripe), None)
+        if stripe is None or self.node not in stripe.parity_nodes or chunk.source not in stripe.data_nodes:
+            raise SnapshotError(
+                "invalid", f"node {self.node} holds no parity of stripe {chunk.stripe} for node {chunk.source}"
+            )
+        if chunk.offset + len(chunk.data) > chunk.block_bytes:
+            raise SnapshotError("invalid", f"chunk at {chunk.offset} runs past its {chunk.block_bytes}-byte block")
+        with self.lock:
+            newest = self._newest_committed()
+            if newest is not None and chunk.step < newest:
+                raise SnapshotError("precondition", f"step {chunk.step} is older than the committed step {newest}")
+            block = self.parity.setdefault(chunk.step, {}).setdefault(
+                stripe.index, ParityBlock(position=stripe.parity_nodes.index(self.node))
+            )
+            source = block.sources.setdefault(chunk.source, {"block_bytes": chunk.block_bytes, "received": 0})
+            if chunk.offset != source["received"]:
+                raise SnapshotError(
+                    "precondition", f"node {chunk.source}'s block of stripe {stripe.index} arrived out of order"
+                )
+            if chunk.meta:
+                source["meta"] = json.loads(chunk.meta)
+            growth = max(0, chunk.block_bytes - block.data.size)
+            if growth and self.memory_used() + growth > self.memory_limit:
+                raise SnapshotError("exhausted", f"parity of step {chunk.step} would pass this daemon's memory limit")
+            block.grow(chunk.block_bytes)
+            if chunk.data:
+                data = np.frombuffer(chunk.data, np.uint8)
+                position = stripe.data_nodes.index(chunk.source)
+                out = block.data[chunk.offset : chunk.offset + data.size]
+                group.code.accumulate(block.position, position, data, out)
+            source["received"] += len(chunk.data)
+
+    def parity_block(self, step: int, stripe: int) -> tuple[bytes, dict]:
+        with self.lock:
+            block = self.parity.get(step, {}).get(stripe)
+            if block is None or not self.steps.get(step, Step()).committed:
+                raise SnapshotError("not_found", f"no committed parity of stripe {stripe}, step {step}")
+            return block.data.tobytes(), {"sources": block.sources}
+
+    def install(self, step: int, meta: dict, share: bytes, parity: dict[int, ParityBlock]) -> None:
+        """Take a rebuilt share (and the parity this node held) as a committed snapshot."""
+        offset = 0
+        for entry in meta["segments"]:
+            rank, nbytes = entry["rank"], entry["nbytes"]
+            name = self.reserve(step, rank, nbytes)
+            with self.lock:
+                segment = self.steps[step].segments[rank]
+                segment.view()[:nbytes] = share[offset : offset + nbytes]
+            self.deliver(step, rank, [BufferInfo(*b) for b in entry["buffers"]])
+            offset += nbytes
+            del name
+        with self.lock:
+            self.parity[step] = parity
+            self.steps[step].committed = True
+            self._drop_superseded(step)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -170,7 +284,8 @@ class SnapshotStore:
             return entry is not None
 
     def memory_used(self) -> int:
-        return sum(e.nbytes for e in self.steps.values())
+        parity = sum(b.data.size for blocks in self.parity.values() for b in blocks.values())
+        return sum(e.nbytes for e in self.steps.values()) + parity
 
     def close(self) -> None:
         with self.lock:

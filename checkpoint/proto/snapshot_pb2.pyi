@@ -55,18 +55,24 @@ class DeliverReply(_message.Message):
     def __init__(self, delivered_ranks: _Optional[int] = ..., expected_ranks: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "prepare")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
     step: int
-    def __init__(self, step: _Optional[int] = ...) -> None: ...
+    prepare: bool
+    def __init__(self, step: _Optional[int] = ..., prepare: _Optional[bool] = ...) -> None: ...
 
 class CommitReply(_message.Message):
-    __slots__ = ("committed", "missing_ranks")
+    __slots__ = ("committed", "missing_ranks", "missing_stripes", "ready")
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_STRIPES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     committed: bool
     missing_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, committed: _Optional[bool] = ..., missing_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    missing_stripes: _containers.RepeatedScalarFieldContainer[int]
+    ready: bool
+    def __init__(self, committed: _Optional[bool] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., missing_stripes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()
@@ -161,3 +167,47 @@ class StatusReply(_message.Message):
     expected_ranks: _containers.RepeatedScalarFieldContainer[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
     def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
+
+class RebuildRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebuildReply(_message.Message):
+    __slots__ = ("step", "nbytes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    nbytes: int
+    def __init__(self, step: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("step", "stripe", "source", "block_bytes", "offset", "data", "meta")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    stripe: int
+    source: int
+    block_bytes: int
+    offset: int
+    data: bytes
+    meta: bytes
+    def __init__(self, step: _Optional[int] = ..., stripe: _Optional[int] = ..., source: _Optional[int] = ..., block_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., meta: _Optional[bytes] = ...) -> None: ...
+
+class PutBlockReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BlockRequest(_message.Message):
+    __slots__ = ("step", "stripe", "parity")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    stripe: int
+    parity: bool
+    def __init__(self, step: _Optional[int] = ..., stripe: _Optional[int] = ..., parity: _Optional[bool] = ...) -> None: ...

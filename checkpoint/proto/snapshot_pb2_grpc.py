@@ -79,6 +79,21 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.StatusRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Rebuild = channel.unary_unary(
+                '/stalwart.snapshot.v1.SnapshotDaemon/Rebuild',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.FromString,
+                _registered_method=True)
+        self.PutBlock = channel.stream_unary(
+                '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.FromString,
+                _registered_method=True)
+        self.GetBlock = channel.unary_stream(
+                '/stalwart.snapshot.v1.SnapshotDaemon/GetBlock',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
+                _registered_method=True)
 
 
 class SnapshotDaemonServicer:
@@ -147,6 +162,28 @@ class SnapshotDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebuild(self, request, context):
+        """Rebuild this daemon's share of the newest snapshot committed on the group's other
+        daemons, from their data and parity (this daemon replaces a lost node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBlock(self, request_iterator, context):
+        """Between the daemons of a node group: a data block of a share streamed to the node that
+        holds the stripe's parity, and any block served back for a rebuild.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBlock(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +231,21 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.StatusRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.StatusReply.SerializeToString,
+            ),
+            'Rebuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebuild,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.SerializeToString,
+            ),
+            'PutBlock': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutBlock,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.SerializeToString,
+            ),
+            'GetBlock': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBlock,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +491,87 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/Status',
             checkpoint_dot_proto_dot_snapshot__pb2.StatusRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/Rebuild',
+            checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlock(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
+            checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/GetBlock',
+            checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
             options,
             channel_credentials,
             insecure,

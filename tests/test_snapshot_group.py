@@ -1,0 +1,101 @@
+"""Erasure coding across several snapshot daemons on loopback: losing nodes loses nothing."""
+
+import itertools
+import signal
+import time
+
+import pytest
+
+from checkpoint.snapshot_client import commit_group
+from tests.test_snapshot_daemon import Daemon, buffers_of
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Group:
+    """`nodes` daemons, two ranks each (node i holds ranks 2i and 2i+1), with `parity` parity."""
+
+    def __init__(self, tmp_path, nodes: int, parity: int):
+        self.tmp_path, self.parity = tmp_path, parity
+        self.peers = [f"127.0.0.1:{p}" for p in free_ports(nodes)]
+        self.daemons = [self._start(n) for n in range(nodes)]
+
+    def _start(self, node: int) -> Daemon:
+        listen = self.peers[node]
+        return Daemon(
+            self.tmp_path,
+            ranks=f"{2 * node},{2 * node + 1}",
+            extra=["--node", str(node), "--peers", ",".join(self.peers), "--set", f"snapshot.parity={self.parity}"],
+            listen=listen,
+            token_file=self.tmp_path / "job.token",
+        )
+
+    def deliver_and_commit(self, step: int, size: int) -> None:
+        for node, daemon in enumerate(self.daemons):
+            client = daemon.client()
+            for rank in (2 * node, 2 * node + 1):
+                client.deliver(step, rank, buffers_of(rank, step, size + 4096 * rank))  # shares of unequal size
+        commit_group([d.client() for d in self.daemons], step)
+
+    def replace(self, node: int) -> Daemon:
+        self.daemons[node] = self._start(node)
+        return self.daemons[node]
+
+    def stop(self):
+        for d in self.daemons:
+            d.stop()
+
+
+@pytest.mark.parametrize("nodes,parity", [(4, 1), (6, 2)])
+def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, parity):
+    group = Group(tmp_path, nodes, parity)
+    try:
+        group.deliver_and_commit(1, 1 << 18)
+        group.deliver_and_commit(2, 1 << 18)
+        losses = list(itertools.combinations(range(nodes), parity))
+        for lost in losses[:: max(1, len(losses) // 4)]:  # spread over the group, bounded in time
+            for node in lost:
+                group.daemons[node].process.send_signal(signal.SIGKILL)
+                group.daemons[node].process.wait()
+            for node in lost:  # a replacement per lost node, rebuilt from the survivors
+                replacement = group.replace(node)
+                reply = replacement.client().rebuild()
+                assert reply.step == 2
+            for node, daemon in enumerate(group.daemons):
+                client = daemon.client()
+                assert [s.step for s in client.list()] == [2]
+                for rank in (2 * node, 2 * node + 1):
+                    expected = {k: v.tobytes() for k, v in buffers_of(rank, 2, (1 << 18) + 4096 * rank).items()}
+                    assert client.fetch(2, rank) == expected, f"rank {rank} after losing nodes {lost}"
+                assert client.verify(2).ok
+        group.deliver_and_commit(3, 1 << 18)  # the rebuilt daemons hold parity again
+        assert all([s.step for s in d.client().list()] == [3] for d in group.daemons)
+    finally:
+        group.stop()
+
+
+def test_a_group_step_is_not_ready_until_every_parity_block_is_in(tmp_path):
+    group = Group(tmp_path, 4, 1)
+    try:
+        group.deliver_and_commit(1, 1 << 16)
+        clients = [d.client() for d in group.daemons]
+        for rank in (0, 1):  # node 0 delivers; nodes 1-3 do not
+            clients[0].deliver(2, rank, buffers_of(rank, 2))
+        time.sleep(0.5)  # its blocks are sent
+        reply = clients[0].commit(2, prepare=True)
+        assert not reply.ready and list(reply.missing_stripes), "node 0 holds parity of nodes that did not deliver"
+        assert not clients[0].commit(2).committed
+        assert list(clients[1].commit(2, prepare=True).missing_ranks) == [2, 3]
+        assert all([s.step for s in c.list()] == [1] for c in clients)
+    finally:
+        group.stop()
