@@ -252,3 +252,82 @@ def test_a_token_file_others_can_read_is_refused(tmp_path):
     command += ["--set", "snapshot.listen=127.0.0.1:0", "--set", f"snapshot.token_file={token}"]
     done = subprocess.run(command, cwd=REPO, env=rank_env(1), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "readable by others" in done.stderr, done.stderr
+
+
+def _mutated(rng: random.Random, message: bytes) -> bytes:
+    data = bytearray(message)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif choice < 0.7:
+            data = data[: rng.randrange(len(data) + 1)]
+        else:
+            data += rng.randbytes(rng.randint(1, 64))
+    return bytes(data)
+
+
+def _random_request(rng: random.Random) -> tuple[str, bytes]:
+    step, rank = rng.choice([-5, 0, 1, 7, 2**40]), rng.choice([-1, 0, 1, 3, 2**30])
+    messages = [
+        ("Reserve", pb.ReserveRequest(step=abs(step) % 50, rank=rank % 3, nbytes=rng.choice([0, 64, 4096, 10**12]))),
+        ("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=[pb.Buffer(name="x", nbytes=rng.randrange(9**9))])),
+        ("Commit", pb.CommitRequest(step=step, prepare=rng.random() < 0.5)),
+        ("List", pb.ListRequest()),
+        ("Locate", pb.FetchRequest(step=step, rank=rank)),
+        ("Verify", pb.VerifyRequest(step=step)),
+        ("Drop", pb.DropRequest(step=step)),
+        ("Status", pb.StatusRequest()),
+        ("Rebuild", pb.RebuildRequest()),
+        ("GetBlock", pb.BlockRequest(step=step, stripe=rank)),
+        ("PutBlock", pb.BlockChunk(step=step, stripe=rank, data=rng.randbytes(16))),
+    ]
+    method, message = rng.choice(messages)
+    payload = message.SerializeToString()
+    kind = rng.random()
+    if kind < 0.3:
+        payload = _mutated(rng, payload)
+    elif kind < 0.4:
+        payload = rng.randbytes(rng.randint(0, 200))
+    return method, payload
+
+
+def _rss_kb(pid: int) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1])
+
+
+def test_a_thousand_random_and_mutated_requests_neither_crash_nor_leak(daemon):
+    """Fuzzing: every request gets an answer, the daemon keeps serving, and what it holds
+    afterwards is exactly what the last commit left, in memory and in /dev/shm."""
+    client = daemon.client()
+    rng = random.Random(20261123)
+    service = "/stalwart.snapshot.v1.SnapshotDaemon/"
+    streaming = {"Fetch", "GetBlock"}
+
+    def fire(count: int) -> None:
+        for _ in range(count):
+            method, payload = _random_request(rng)
+            metadata = client.metadata if rng.random() < 0.9 else ()
+            try:
+                if method == "PutBlock":
+                    call = client.channel.stream_unary(service + method)
+                    call(iter([payload]), timeout=10, metadata=metadata)
+                elif method in streaming:
+                    list(client.channel.unary_stream(service + method)(payload, timeout=10, metadata=metadata))
+                else:
+                    client.channel.unary_unary(service + method)(payload, timeout=10, metadata=metadata)
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.UNAVAILABLE, "the daemon stopped answering"
+
+    fire(200)  # warm-up: thread pools and caches reach their steady size
+    rss = _rss_kb(daemon.process.pid)
+    fire(1000)
+    assert daemon.process.poll() is None and daemon.healthy()
+    for rank in (0, 1):
+        client.deliver(100, rank, buffers_of(rank, 100))
+    assert client.commit(100).committed
+    [held] = client.list()
+    assert client.status().memory_used == held.nbytes, "fuzzed reservations were not all freed"
+    segments = [name for name in os.listdir("/dev/shm") if name.startswith(f"stalwart-{JOB}-")]
+    assert len(segments) == 2, segments
+    assert _rss_kb(daemon.process.pid) - rss < 30_000, "the daemon's memory grew over 1,000 requests"
