@@ -201,31 +201,71 @@ def test_oversized_and_malformed_messages_are_refused(daemon):
     assert daemon.healthy() and client.list() == []
 
 
-def test_a_rank_killed_while_delivering_never_exposes_a_half_delivered_step(daemon, tmp_path):
-    """SIGKILL a rank process at random points of its deliveries: the last committed step stays intact."""
-    client = daemon.client()
-    for rank in (0, 1):
-        client.deliver(0, rank, buffers_of(rank, 0, 8 << 20))
-    client.commit(0)
-    script = tmp_path / "rank.py"
-    script.write_text(
-        "import sys\n"
-        "from checkpoint.snapshot_client import SnapshotClient\n"
-        "from tests.test_snapshot_daemon import buffers_of\n"
-        f"c = SnapshotClient({daemon.address!r}, {JOB!r}, {daemon.token!r})\n"
-        "for step in range(1, 1000):\n"
-        "    c.deliver(step, 0, buffers_of(0, step, 8 << 20))\n"
-    )
-    rng = random.Random(4)
-    for _ in range(5):
-        rank = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=rank_env(1))
-        time.sleep(rng.uniform(0.5, 2.0))
-        rank.kill()
-        rank.wait()
-        assert [s.step for s in client.list()] == [0]
-        for r in (0, 1):
-            assert client.fetch(0, r)["model/w"] == buffers_of(r, 0, 8 << 20)["model/w"].tobytes()
-        assert client.verify(0).ok
+RANK_SCRIPT = """
+import sys, time
+from checkpoint.snapshot_client import SnapshotClient
+from tests.test_snapshot_daemon import big_state
+address, job, token, rank, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+client = SnapshotClient(address, job, token, deadline_s=60)
+for step in range(first, first + 1000):
+    client.deliver(step, rank, big_state(rank, step))
+    while not client.commit(step).committed:  # the other rank may still be delivering
+        time.sleep(0.01)
+"""
+
+BIG = 200 << 20
+
+
+def big_state(rank: int, step: int) -> dict[str, np.ndarray]:
+    """200 MB per rank that differ by rank and step, cheap to make."""
+    base = np.arange(BIG // 4 // 2, dtype=np.uint32) * np.uint32(2654435761)
+    return {"model": base ^ np.uint32(rank * 7919 + step), "optim": base + np.uint32(step * 31 + rank)}
+
+
+def test_ranks_killed_while_delivering_200_mb_never_expose_a_half_delivered_step(tmp_path):
+    """20 trials: two rank processes deliver and commit 200 MB each per step; one or both are
+    SIGKILLed at a random moment. The committed step is always whole and byte-identical."""
+    daemon = Daemon(tmp_path, memory_mb=1700)
+    try:
+        client = daemon.client()
+        script = tmp_path / "rank.py"
+        script.write_text(RANK_SCRIPT)
+        rng = random.Random(20)
+        for rank in (0, 1):
+            client.deliver(0, rank, big_state(rank, 0))
+        assert client.commit(0).committed
+        first, committed_before, commits = 1, 0, 0
+        for trial in range(20):
+            ranks = [
+                subprocess.Popen(
+                    [sys.executable, str(script), daemon.address, JOB, daemon.token, str(r), str(first)],
+                    cwd=REPO,
+                    env=rank_env(1),
+                )
+                for r in (0, 1)
+            ]
+            time.sleep(rng.uniform(1.0, 7.0))
+            for victim in rng.sample(ranks, rng.choice([1, 2])):
+                victim.kill()
+            for r in ranks:
+                r.kill()
+                r.wait()
+            listed = client.list()
+            assert len(listed) == 1, f"trial {trial}: {listed}"  # never none, never two
+            step = listed[0].step
+            assert step >= committed_before
+            commits += step > committed_before
+            for rank in (0, 1):
+                got = client.fetch(step, rank)
+                expected = big_state(rank, step)
+                assert got.keys() == expected.keys()
+                for name, value in expected.items():
+                    assert got[name] == value.tobytes(), f"trial {trial}: rank {rank} {name} of step {step}"
+            committed_before = step
+            first = step + 1
+        assert commits >= 3, f"only {commits} trials committed a new step: they killed too early to test much"
+    finally:
+        daemon.stop()
 
 
 def test_the_generated_grpc_modules_match_the_checked_in_proto(tmp_path):
