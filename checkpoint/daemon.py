@@ -12,7 +12,6 @@ import hmac
 import os
 import signal
 import sys
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from checkpoint.snapshot_group import (
     Peers,
     block_chunks,
     block_range,
+    chunk_bytes,
     newest_common_step,
     rebuild,
     send_share,
@@ -36,8 +36,8 @@ from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
 JOB_KEY = "x-stalwart-job"
-STREAM_CHUNK = 1 << 20
-"""Bytes per streamed message: far below any sensible message-size limit."""
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 _STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -113,8 +113,9 @@ def _mapped(method):
 
 
 class Servicer(pb_grpc.SnapshotDaemonServicer):
-    def __init__(self, store: SnapshotStore, peers: Peers | None = None):
+    def __init__(self, store: SnapshotStore, max_message_bytes: int, peers: Peers | None = None):
         self.store, self.peers = store, peers
+        self.chunk = chunk_bytes(max_message_bytes)
         self.encode_errors: dict[int, str] = {}
 
     @_mapped
@@ -167,7 +168,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             raise SnapshotError("invalid", f"no stripe {request.stripe} in a group of {len(group.stripes)}")
         if request.parity:
             data, meta = self.store.parity_block(request.step, request.stripe)
-            return list(block_chunks(request.step, request.stripe, group.node, _slicer(data), len(data), meta))
+            chunks = block_chunks(request.step, request.stripe, group.node, _slicer(data), len(data), meta, self.chunk)
+            return list(chunks)
         stripe = group.stripes[request.stripe]
         if group.node not in stripe.data_nodes:
             raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {request.stripe}")
@@ -175,7 +177,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         meta = self.store.share(request.step)
         start, size = block_range(meta, group.k, stripe.block_of(group.node))
         read = lambda offset, n: self.store.read_share(request.step, start + offset, n)  # noqa: E731
-        return block_chunks(request.step, request.stripe, group.node, read, size, meta)
+        return block_chunks(request.step, request.stripe, group.node, read, size, meta, self.chunk)
 
     @_mapped
     def Rebuild(self, request, context):
@@ -205,9 +207,9 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         except SnapshotError as e:
             context.abort(_STATUS[e.kind], str(e))
         yield pb.DataChunk(offset=0, data=b"", buffers=[_buffer(b) for b in buffers])
-        for offset in range(0, size, STREAM_CHUNK):
+        for offset in range(0, size, self.chunk):
             try:
-                data = self.store.read(request.step, request.rank, offset, STREAM_CHUNK)
+                data = self.store.read(request.step, request.rank, offset, self.chunk)
             except SnapshotError as e:  # dropped while being read
                 context.abort(_STATUS[e.kind], str(e))
             yield pb.DataChunk(offset=offset, data=data)
@@ -264,7 +266,7 @@ def serve(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         maximum_concurrent_rpcs=64,
     )
-    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, group), server)
+    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, limit, group), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(config.listen)
@@ -310,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, token_file = _daemon_config(args.config, args.overrides)
         peers = args.peers.split(",") if args.peers else None
+        # Stop signals are taken by sigwait() below, never by a handler: every thread the
+        # server starts inherits this mask, so none of them can swallow a SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         group = GroupPlan(args.node, peers, config.parity) if peers else None
         store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
         server, port = serve(config, store, read_token(token_file), peers)
@@ -321,11 +326,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host = config.listen.rpartition(":")[0]
     print(f"stalwart daemon: job {args.job} node {args.node} listening on {host}:{port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=2).wait()
+    signal.sigwait(STOP_SIGNALS)
+    server.stop(grace=2).wait(timeout=5)  # calls in flight get 2 s; the segments are freed regardless
     store.close()
     return 0
 

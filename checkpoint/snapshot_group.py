@@ -26,8 +26,10 @@ from checkpoint.erasure import Code, Stripe, block_bytes, make_code, stripes
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 
-CHUNK = 1 << 20
-"""Bytes per streamed block chunk."""
+
+def chunk_bytes(max_message_bytes: int) -> int:
+    """Bytes of data per streamed message: well inside the message-size limit."""
+    return max(4096, min(1 << 20, max_message_bytes // 2))
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Peers:
         self.channels = {n: grpc.insecure_channel(a, options=options) for n, a in enumerate(plan.peers)}
         self.stubs = {n: pb_grpc.SnapshotDaemonStub(c) for n, c in self.channels.items()}
         self.metadata, self.deadline_s = metadata, deadline_s
+        self.chunk = chunk_bytes(max_message_bytes)
 
     def put_block(self, node: int, chunks) -> None:
         self.stubs[node].PutBlock(chunks, timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=True)
@@ -151,11 +154,11 @@ class Peers:
             channel.close()
 
 
-def block_chunks(step: int, stripe: int, source: int, data_reader, size: int, meta: dict):
+def block_chunks(step: int, stripe: int, source: int, data_reader, size: int, meta: dict, chunk: int):
     """The BlockChunk stream of one block; `data_reader(offset, length)` supplies its bytes."""
     meta_bytes = json.dumps(meta).encode()
-    for offset in range(0, max(size, 1), CHUNK):
-        length = min(CHUNK, size - offset)
+    for offset in range(0, max(size, 1), chunk):
+        length = min(chunk, size - offset)
         yield pb.BlockChunk(
             step=step,
             stripe=stripe,
@@ -176,7 +179,7 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, on_
                 start, size = block_range(meta, plan.k, stripe.block_of(plan.node))
                 for holder in stripe.parity_nodes:
                     chunks = block_chunks(
-                        step, stripe.index, plan.node, lambda o, n, s=start: reader(s + o, n), size, meta
+                        step, stripe.index, plan.node, lambda o, n, s=start: reader(s + o, n), size, meta, peers.chunk
                     )
                     peers.put_block(holder, chunks)
         except Exception as e:  # reported by Status and by a prepare that never becomes ready

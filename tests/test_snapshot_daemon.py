@@ -64,6 +64,7 @@ class Daemon:
             return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def stop(self) -> None:
+        """SIGTERM, which must end the daemon promptly and free every segment it made."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -71,6 +72,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+                raise AssertionError("the daemon did not stop within 10 s of SIGTERM") from None
+            assert self.process.returncode == 0, self.process.stderr.read()[-2000:]
 
 
 @pytest.fixture

@@ -99,3 +99,31 @@ def test_a_group_step_is_not_ready_until_every_parity_block_is_in(tmp_path):
         assert all([s.step for s in c.list()] == [1] for c in clients)
     finally:
         group.stop()
+
+
+def test_a_daemon_killed_while_encoding_loses_no_committed_snapshot(tmp_path):
+    """Node 1 dies while the group encodes step 2: every node's step 1 survives, and node 1's
+    replacement rebuilds its share of step 1 byte-identically."""
+    group = Group(tmp_path, 4, 1)
+    try:
+        group.deliver_and_commit(1, 1 << 20)
+        clients = [d.client() for d in group.daemons]
+        for node, client in enumerate(clients):
+            for rank in (2 * node, 2 * node + 1):
+                client.deliver(2, rank, buffers_of(rank, 2, 8 << 20))
+            if node == 1:  # its blocks are on their way to the parity holders
+                group.daemons[1].process.send_signal(signal.SIGKILL)
+                group.daemons[1].process.wait()
+        time.sleep(1.0)
+        for node, client in enumerate(clients):
+            if node != 1:  # step 2 can never complete: node 1's blocks and parity are gone
+                assert [s.step for s in client.list()] == [1]
+                assert not client.commit(2, prepare=True).ready
+        assert group.replace(1).client().rebuild().step == 1
+        for node, daemon in enumerate(group.daemons):
+            client = daemon.client()
+            for rank in (2 * node, 2 * node + 1):
+                expected = {k: v.tobytes() for k, v in buffers_of(rank, 1, (1 << 20) + 4096 * rank).items()}
+                assert client.fetch(1, rank) == expected
+    finally:
+        group.stop()
