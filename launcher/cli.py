@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("daemon", help="run this node's in-memory snapshot daemon (gRPC)")
     daemon.add_arguments(serve)
     serve.set_defaults(func=daemon.run)
+
+    from checkpoint import snapshot_commands
+
+    snapshot = commands.add_parser("snapshot", help="the job's snapshot daemons: status, ls, verify, rebuild, ...")
+    snapshot_commands.add_arguments(snapshot)
+    snapshot.set_defaults(func=snapshot_commands.run)
     return parser
 
 

@@ -1,13 +1,19 @@
 """Erasure coding across several snapshot daemons on loopback: losing nodes loses nothing."""
 
 import itertools
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
 from checkpoint.snapshot_client import commit_group
-from tests.test_snapshot_daemon import Daemon, buffers_of
+from tests.conftest import REPO, rank_env
+from tests.test_snapshot_daemon import JOB, Daemon, buffers_of
 
 
 def free_ports(count: int) -> list[int]:
@@ -127,3 +133,71 @@ def test_a_daemon_killed_while_encoding_loses_no_committed_snapshot(tmp_path):
                 assert client.fetch(1, rank) == expected
     finally:
         group.stop()
+
+
+def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
+    group = Group(tmp_path, 4, 1)
+    try:
+        group.deliver_and_commit(1, 1 << 16)
+        base = [sys.executable, "-m", "launcher.cli", "snapshot", "--job", JOB, "--daemons", ",".join(group.peers)]
+        base += ["--token-file", str(tmp_path / "job.token")]
+
+        def stalwart(*args, json_out=True):
+            done = subprocess.run(
+                [*base, *(["--json"] if json_out else []), *args],
+                cwd=REPO,
+                env=rank_env(1),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            parsed = json_out and done.stdout.startswith("[")
+            return done.returncode, (json.loads(done.stdout) if parsed else done.stdout + done.stderr)
+
+        code, rows = stalwart("status")
+        assert code == 0 and [r["snapshots"] for r in rows] == [[1]] * 4
+        code, text = stalwart("ls", json_out=False)
+        assert code == 0 and "step" in text.splitlines()[0] and text.splitlines()[1].startswith("1 ")
+        code, rows = stalwart("verify", "1")
+        assert code == 0 and rows[0]["ok"]
+        out = tmp_path / "rank5.npz"
+        code, rows = stalwart("fetch", "1", "--rank", "5", "--out", str(out))
+        assert code == 0
+        with np.load(out) as saved:
+            for name, value in buffers_of(5, 1, (1 << 16) + 4096 * 5).items():
+                assert saved[name].tobytes() == value.tobytes()
+        # A flipped byte in node 2's memory: verify names it and exits 1.
+        segment = next(n for n in os.listdir("/dev/shm") if n.startswith(f"stalwart-{JOB}-n2-s1-r4-"))
+        flip_byte(f"/dev/shm/{segment}", 100)
+        code, rows = stalwart("verify", "1")
+        assert code == 1 and any("rank 4" in p and "checksum mismatch" in p for p in rows[0]["problems"]), rows
+        flip_byte(f"/dev/shm/{segment}", 100)  # restored: a rebuild from a corrupt survivor is refused
+        group.daemons[3].process.send_signal(signal.SIGKILL)
+        group.daemons[3].process.wait()
+        code, rows = stalwart("status")
+        assert code == 1 and rows[3] == {"node": 3, "reachable": False}
+        group.replace(3)
+        code, rows = stalwart("rebuild", "--node", "3")
+        assert code == 0 and rows[0]["step"] == 1, rows
+        code, rows = stalwart("drop", "1")
+        assert code == 0 and rows[0]["dropped_on"] == [0, 1, 2, 3]
+        code, rows = stalwart("ls")
+        assert code == 0 and rows == []
+        code, _ = stalwart("status", json_out=False)
+        assert code == 0
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("y" * 64)
+        wrong.chmod(0o600)
+        base[base.index("--token-file") + 1] = str(wrong)
+        code, text = stalwart("ls", json_out=False)
+        assert code == 2 and "UNAUTHENTICATED" in text
+    finally:
+        group.stop()
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
