@@ -183,12 +183,18 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Rebuild(self, request, context):
         if self.peers is None:
             raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        lost = request.node if request.HasField("node") else self.store.node
+        if not 0 <= lost < len(self.store.group.peers):
+            raise SnapshotError("invalid", f"no node {lost} in a group of {len(self.store.group.peers)}")
         try:
-            step = newest_common_step(self.store.group, self.peers)
-            rebuilt = rebuild(self.store.group, self.peers, step)
+            step = newest_common_step(self.store.group, self.peers, lost)
+            rebuilt = rebuild(self.store.group, self.peers, step, lost)
         except RuntimeError as e:
-            raise SnapshotError("precondition", f"cannot rebuild node {self.store.node}: {e}") from e
-        self.store.install(step, rebuilt.meta, rebuilt.data, rebuilt.parity)
+            raise SnapshotError("precondition", f"cannot rebuild node {lost}: {e}") from e
+        if lost == self.store.node:  # a replacement: the share and its parity duties are ours again
+            self.store.install(step, rebuilt.meta, rebuilt.data, rebuilt.parity)
+        else:  # a survivor standing in: serves the lost node's ranks until they restart elsewhere
+            self.store.adopt(step, rebuilt.meta, rebuilt.data)
         return pb.RebuildReply(step=step, nbytes=len(rebuilt.data))
 
     @_mapped

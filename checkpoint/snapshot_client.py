@@ -58,8 +58,9 @@ class SnapshotClient:
     def commit(self, step: int, prepare: bool = False) -> pb.CommitReply:
         return self._call("Commit", pb.CommitRequest(step=step, prepare=prepare))
 
-    def rebuild(self) -> pb.RebuildReply:
-        return self._call("Rebuild", pb.RebuildRequest())
+    def rebuild(self, node: int | None = None) -> pb.RebuildReply:
+        """Rebuild this daemon's own share, or hold lost node `node`'s share here."""
+        return self._call("Rebuild", pb.RebuildRequest(node=node) if node is not None else pb.RebuildRequest())
 
     def list(self) -> list[pb.SnapshotInfo]:
         return list(self._call("List", pb.ListRequest()).snapshots)

@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands.add_parser("ls", help="committed snapshots: step, size, ranks, daemons")
     verify = commands.add_parser("verify", help="re-check every buffer's checksum and recompute the parity")
     verify.add_argument("step", type=int)
-    rebuild = commands.add_parser("rebuild", help="have the (replacement) daemon of a node rebuild its share")
-    rebuild.add_argument("--node", type=int, required=True)
+    rebuild = commands.add_parser("rebuild", help="rebuild a lost node's share on its replacement (or --on a survivor)")
+    rebuild.add_argument("--node", type=int, required=True, help="the lost node")
+    rebuild.add_argument("--on", type=int, help="a survivor to hold the share instead (its ranks fetch it there)")
     fetch = commands.add_parser("fetch", help="write one rank's buffers of a snapshot to an .npz file")
     fetch.add_argument("step", type=int)
     fetch.add_argument("--rank", type=int, required=True)
@@ -60,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
         elif command == "verify":
             code, result = verify(clients, args.step, args.parity)
         elif command == "rebuild":
-            reply = clients[args.node].rebuild()
-            code, result = OK, [{"node": args.node, "step": reply.step, "bytes": reply.nbytes}]
+            if args.on is None:
+                reply = clients[args.node].rebuild()
+            else:
+                reply = clients[args.on].rebuild(args.node)
+            held_on = args.node if args.on is None else args.on
+            code, result = OK, [{"node": args.node, "held_on": held_on, "step": reply.step, "bytes": reply.nbytes}]
         elif command == "fetch":
             code, result = fetch(clients, args.step, args.rank, Path(args.out))
         else:

@@ -203,10 +203,10 @@ class RebuiltShare:
     """Stripe -> the parity block this node holds."""
 
 
-def newest_common_step(plan: GroupPlan, peers: Peers) -> int:
+def newest_common_step(plan: GroupPlan, peers: Peers, lost: int) -> int:
     common = None
     for node in range(len(plan.peers)):
-        if node == plan.node:
+        if node == lost:
             continue
         steps = peers.committed_steps(node)
         if steps is None:
@@ -217,14 +217,14 @@ def newest_common_step(plan: GroupPlan, peers: Peers) -> int:
     return max(common)
 
 
-def rebuild(plan: GroupPlan, peers: Peers, step: int) -> RebuiltShare:
-    """This node's share (and the parity it held) of `step`, from the other daemons."""
-    n, k = plan.node, plan.k
+def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int) -> RebuiltShare:
+    """Node `lost`'s share (and the parity it held) of `step`, from the other daemons."""
+    n, k = lost, plan.k
     blocks: dict[int, bytes] = {}
     my_meta: dict | None = None
     parity: dict[int, ParityBlock] = {}
     for stripe in plan.stripes:
-        present, sizes, metas = _gather(plan, peers, step, stripe)
+        present, sizes, metas = _gather(plan, peers, step, stripe, lost)
         length = max([len(b) for b in present.values()] + [0])
         if len(present) < k:
             raise RuntimeError(f"stripe {stripe.index}: only {len(present)} of the {k} blocks needed are reachable")
@@ -247,18 +247,18 @@ def rebuild(plan: GroupPlan, peers: Peers, step: int) -> RebuiltShare:
     return RebuiltShare(step, my_meta, share, parity)
 
 
-def _gather(plan: GroupPlan, peers: Peers, step: int, stripe: Stripe):
+def _gather(plan: GroupPlan, peers: Peers, step: int, stripe: Stripe, lost: int):
     """Blocks of `stripe` the survivors serve, by code position, with every data node's
     block size and share description (from its own block or from a parity holder)."""
     present: dict[int, bytes] = {}
     sizes: dict[int, int] = {}
     metas: dict[int, dict] = {}
     for position, node in enumerate(stripe.data_nodes):
-        got = None if node == plan.node else peers.get_block(node, step, stripe.index, parity=False)
+        got = None if node == lost else peers.get_block(node, step, stripe.index, parity=False)
         if got is not None:
             present[position], metas[node], sizes[node] = got
     for j, node in enumerate(stripe.parity_nodes):
-        got = None if node == plan.node else peers.get_block(node, step, stripe.index, parity=True)
+        got = None if node == lost else peers.get_block(node, step, stripe.index, parity=True)
         if got is not None:
             present[plan.k + j] = got[0]
             for source, info in got[1]["sources"].items():

@@ -103,11 +103,14 @@ class SnapshotStore:
                     f"{nbytes} bytes for rank {rank} of step {step} would pass this daemon's memory limit: "
                     f"{self.memory_used()} of {self.memory_limit} bytes in use",
                 )
-            name = f"stalwart-{self.job}-n{self.node}-s{step}-r{rank}-{secrets.token_hex(4)}"
-            # Mode 0600: only the job's user can map it. The daemon owns it; nothing else unlinks it.
-            shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, nbytes))
-            self.steps.setdefault(step, Step()).segments[rank] = Segment(shm, nbytes)
-            return shm.name
+            segment = self._new_segment(step, rank, nbytes)
+            self.steps.setdefault(step, Step()).segments[rank] = segment
+            return segment.shm.name
+
+    def _new_segment(self, step: int, rank: int, nbytes: int) -> Segment:
+        name = f"stalwart-{self.job}-n{self.node}-s{step}-r{rank}-{secrets.token_hex(4)}"
+        # Mode 0600: only the job's user can map it. The daemon owns it; nothing else unlinks it.
+        return Segment(shared_memory.SharedMemory(name=name, create=True, size=max(1, nbytes)), nbytes)
 
     def deliver(self, step: int, rank: int, buffers: list[BufferInfo]) -> tuple[int, int]:
         """Record that `rank`'s buffers of `step` are in its segment, after checking them."""
@@ -117,10 +120,7 @@ class SnapshotStore:
             if segment.buffers is not None:
                 raise SnapshotError("precondition", f"rank {rank} already delivered step {step}")
             _check_layout(buffers, segment.nbytes, rank)
-            view = segment.view()
-            for b in buffers:
-                if zlib.crc32(view[b.offset : b.offset + b.nbytes]) != b.crc32:
-                    raise SnapshotError("invalid", f"buffer {b.name!r} of rank {rank}: checksum mismatch")
+            _check_checksums(segment, buffers, rank)
             segment.buffers = list(buffers)
             return len(self.steps[step].delivered()), len(self.expected)
 
@@ -243,6 +243,30 @@ class SnapshotStore:
             self.steps[step].committed = True
             self._drop_superseded(step)
 
+    def adopt(self, step: int, meta: dict, share: bytes) -> None:
+        """Hold a lost node's rebuilt segments of committed `step`, so that its ranks can
+        restart elsewhere and fetch them here (a stand-in; parity stays with a replacement)."""
+        with self.lock:
+            entry = self._committed(step)
+            if self.memory_used() + len(share) > self.memory_limit:
+                raise SnapshotError("exhausted", f"{len(share)} bytes of a lost node would pass the memory limit")
+            offset = 0
+            for item in meta["segments"]:
+                rank, nbytes = item["rank"], item["nbytes"]
+                if rank in entry.segments:
+                    raise SnapshotError("precondition", f"step {step} already holds rank {rank}")
+                segment = self._new_segment(step, rank, nbytes)
+                segment.view()[:nbytes] = share[offset : offset + nbytes]
+                buffers = [BufferInfo(*b) for b in item["buffers"]]
+                try:
+                    _check_checksums(segment, buffers, rank)
+                except SnapshotError:
+                    _release(segment)
+                    raise
+                segment.buffers = buffers
+                entry.segments[rank] = segment
+                offset += nbytes
+
     # -- reading -------------------------------------------------------------------------
 
     def locate(self, step: int, rank: int) -> tuple[str, list[BufferInfo]]:
@@ -334,6 +358,16 @@ def _check_layout(buffers: list[BufferInfo], nbytes: int, rank: int) -> None:
     for (_, end, name), (start, _, other) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise SnapshotError("invalid", f"buffers {name!r} and {other!r} of rank {rank} overlap")
+
+
+def _check_checksums(segment: Segment, buffers: list[BufferInfo], rank: int) -> None:
+    view = segment.view()
+    try:
+        for b in buffers:
+            if zlib.crc32(view[b.offset : b.offset + b.nbytes]) != b.crc32:
+                raise SnapshotError("invalid", f"buffer {b.name!r} of rank {rank}: checksum mismatch")
+    finally:
+        view.release()
 
 
 def _release(segment: Segment) -> None:

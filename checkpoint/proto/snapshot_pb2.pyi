@@ -169,8 +169,10 @@ class StatusReply(_message.Message):
     def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class RebuildRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: int
+    def __init__(self, node: _Optional[int] = ...) -> None: ...
 
 class RebuildReply(_message.Message):
     __slots__ = ("step", "nbytes")

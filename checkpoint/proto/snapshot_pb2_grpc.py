@@ -163,8 +163,9 @@ class SnapshotDaemonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rebuild(self, request, context):
-        """Rebuild this daemon's share of the newest snapshot committed on the group's other
-        daemons, from their data and parity (this daemon replaces a lost node).
+        """Rebuild a lost node's share of the newest snapshot committed on the group's other
+        daemons, from their data and parity: this daemon's own (it replaces the lost node), or,
+        with `node`, another node's, held here so that its ranks can restart elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
