@@ -173,7 +173,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         stripe = group.stripes[request.stripe]
         if group.node not in stripe.data_nodes:
             raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {request.stripe}")
-        self.store.locate(request.step, self.store.expected[0])  # committed, or NOT_FOUND
+        self.store.require_whole(request.step)
         meta = self.store.share(request.step)
         start, size = block_range(meta, group.k, stripe.block_of(group.node))
         read = lambda offset, n: self.store.read_share(request.step, start + offset, n)  # noqa: E731
@@ -199,7 +199,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
 
     @_mapped
     def List(self, request, context):
-        return pb.ListReply(snapshots=_infos(self.store))
+        return pb.ListReply(snapshots=_infos(self.store, request.include_ready))
 
     @_mapped
     def Locate(self, request, context):
@@ -250,10 +250,10 @@ def _buffer(b: BufferInfo) -> pb.Buffer:
     return pb.Buffer(name=b.name, offset=b.offset, nbytes=b.nbytes, crc32=b.crc32)
 
 
-def _infos(store: SnapshotStore) -> list[pb.SnapshotInfo]:
+def _infos(store: SnapshotStore, include_ready: bool = False) -> list[pb.SnapshotInfo]:
     return [
         pb.SnapshotInfo(step=step, nbytes=nbytes, ranks=ranks, committed=committed)
-        for step, nbytes, ranks, committed in store.listing()
+        for step, nbytes, ranks, committed in store.listing(include_ready)
     ]
 
 

@@ -142,12 +142,14 @@ class Peers:
         data = b"".join(c.data for c in chunks)
         return data, json.loads(chunks[0].meta), chunks[0].block_bytes
 
-    def committed_steps(self, node: int) -> set[int] | None:
+    def whole_steps(self, node: int) -> dict[int, bool] | None:
+        """Step -> committed, of the steps a daemon holds whole (committed or ready); None if unreachable."""
+        request = pb.ListRequest(include_ready=True)
         try:
-            reply = self.stubs[node].List(pb.ListRequest(), timeout=self.deadline_s, metadata=self.metadata)
+            reply = self.stubs[node].List(request, timeout=self.deadline_s, metadata=self.metadata)
         except grpc.RpcError:
             return None
-        return {s.step for s in reply.snapshots}
+        return {s.step: s.committed for s in reply.snapshots}
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -204,17 +206,24 @@ class RebuiltShare:
 
 
 def newest_common_step(plan: GroupPlan, peers: Peers, lost: int) -> int:
-    common = None
+    """The newest step every reachable daemon holds whole and at least one has committed.
+
+    A crash between the two phases of a group commit leaves the step committed on some
+    daemons and only ready on the others, which still hold the previous one: the step
+    counts as committed if any daemon committed it (phase two had begun)."""
+    whole, committed = None, set()
     for node in range(len(plan.peers)):
         if node == lost:
             continue
-        steps = peers.committed_steps(node)
+        steps = peers.whole_steps(node)
         if steps is None:
             continue  # another lost node
-        common = steps if common is None else common & steps
-    if not common:
-        raise RuntimeError("no snapshot is committed on every reachable daemon of the group")
-    return max(common)
+        whole = set(steps) if whole is None else whole & set(steps)
+        committed |= {s for s, c in steps.items() if c}
+    candidates = (whole or set()) & committed
+    if not candidates:
+        raise RuntimeError("no snapshot is held by every reachable daemon of the group")
+    return max(candidates)
 
 
 def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int) -> RebuiltShare:

@@ -222,8 +222,9 @@ class SnapshotStore:
     def parity_block(self, step: int, stripe: int) -> tuple[bytes, dict]:
         with self.lock:
             block = self.parity.get(step, {}).get(stripe)
-            if block is None or not self.steps.get(step, Step()).committed:
-                raise SnapshotError("not_found", f"no committed parity of stripe {stripe}, step {step}")
+            entry = self.steps.get(step)
+            if block is None or entry is None or not (entry.committed or self._ready(step)):
+                raise SnapshotError("not_found", f"no whole parity of stripe {stripe}, step {step}")
             return block.data.tobytes(), {"sources": block.sources}
 
     def install(self, step: int, meta: dict, share: bytes, parity: dict[int, ParityBlock]) -> None:
@@ -295,10 +296,26 @@ class SnapshotStore:
                         problems.append(f"step {step} rank {rank} buffer {b.name!r}: checksum mismatch")
             return problems
 
-    def listing(self) -> list[tuple[int, int, list[int], bool]]:
-        """(step, bytes, delivered ranks, committed) of the committed steps, oldest first."""
+    def listing(self, include_ready: bool = False) -> list[tuple[int, int, list[int], bool]]:
+        """(step, bytes, delivered ranks, committed) of the committed steps (and, with
+        `include_ready`, of those that could commit here), oldest first."""
         with self.lock:
-            return [(s, e.nbytes, e.delivered(), True) for s, e in sorted(self.steps.items()) if e.committed]
+            return [
+                (s, e.nbytes, e.delivered(), e.committed)
+                for s, e in sorted(self.steps.items())
+                if e.committed or (include_ready and self._ready(s))
+            ]
+
+    def _ready(self, step: int) -> bool:
+        entry = self.steps.get(step)
+        return entry is not None and entry.delivered() == self.expected and not self._incomplete_parity(step)
+
+    def require_whole(self, step: int) -> None:
+        """Raise NOT_FOUND unless `step` is committed here or could be (served for rebuilds)."""
+        with self.lock:
+            entry = self.steps.get(step)
+            if entry is None or not (entry.committed or self._ready(step)):
+                raise SnapshotError("not_found", f"no whole snapshot of step {step}")
 
     def drop(self, step: int) -> bool:
         with self.lock:

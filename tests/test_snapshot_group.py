@@ -218,3 +218,29 @@ def test_a_survivor_stands_in_for_a_lost_node_on_request(tmp_path):
         assert survivor.verify(1).ok
     finally:
         group.stop()
+
+
+def test_a_crash_between_the_two_commit_phases_still_rebuilds_the_step_some_committed(tmp_path):
+    """Step 2 is ready everywhere but committed only on nodes 0 and 1 when node 0 dies: the
+    replacement rebuilds step 2, which the others still hold whole."""
+    group = Group(tmp_path, 4, 1)
+    try:
+        group.deliver_and_commit(1, 1 << 16)
+        clients = [d.client() for d in group.daemons]
+        for node, client in enumerate(clients):
+            for rank in (2 * node, 2 * node + 1):
+                client.deliver(2, rank, buffers_of(rank, 2))
+        deadline = time.monotonic() + 30
+        while not all(c.commit(2, prepare=True).ready for c in clients):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for client in clients[:2]:  # phase two reaches nodes 0 and 1 only
+            assert client.commit(2).committed
+        group.daemons[0].process.send_signal(signal.SIGKILL)
+        group.daemons[0].process.wait()
+        replacement = group.replace(0).client()
+        assert replacement.rebuild().step == 2
+        for rank in (0, 1):
+            assert replacement.fetch(2, rank) == {k: v.tobytes() for k, v in buffers_of(rank, 2).items()}
+    finally:
+        group.stop()

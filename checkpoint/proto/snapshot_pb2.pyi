@@ -75,8 +75,10 @@ class CommitReply(_message.Message):
     def __init__(self, committed: _Optional[bool] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., missing_stripes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_ready",)
+    INCLUDE_READY_FIELD_NUMBER: _ClassVar[int]
+    include_ready: bool
+    def __init__(self, include_ready: _Optional[bool] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("step", "nbytes", "ranks", "committed")
