@@ -18,6 +18,7 @@ from checkpoint.daemon import read_token
 from checkpoint.erasure import stripes
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
+from checkpoint.snapshot_group import pad_block
 from checkpoint.snapshot_store import SnapshotError
 
 OK, PROBLEM, FAILED = 0, 1, 2
@@ -154,11 +155,11 @@ def _parity_problems(clients: list[SnapshotClient], step: int, parity: int) -> l
         data = [_block(clients[n], step, stripe.index, parity=False) for n in stripe.data_nodes]
         held = [_block(clients[n], step, stripe.index, parity=True) for n in stripe.parity_nodes]
         length = max(len(b) for b in data + held)
-        padded = [_pad(b, length) for b in data]
+        padded = [pad_block(b, length) for b in data]
         expected = [np.zeros(length, np.uint8) for _ in range(parity)]
         code.encode(padded, expected)
         for j, (node, block) in enumerate(zip(stripe.parity_nodes, held, strict=True)):
-            if not np.array_equal(expected[j], _pad(block, length)):
+            if not np.array_equal(expected[j], pad_block(block, length)):
                 problems.append(f"node {node}: parity {j} of stripe {stripe.index} does not match its data blocks")
     return problems
 
@@ -168,12 +169,6 @@ def _block(client: SnapshotClient, step: int, stripe: int, parity: bool) -> byte
         pb.BlockRequest(step=step, stripe=stripe, parity=parity), timeout=client.deadline_s, metadata=client.metadata
     )
     return b"".join(c.data for c in chunks)
-
-
-def _pad(block: bytes, length: int) -> np.ndarray:
-    out = np.zeros(length, np.uint8)
-    out[: len(block)] = np.frombuffer(block, np.uint8)
-    return out
 
 
 def fetch(clients: list[SnapshotClient], step: int, rank: int, out: Path) -> tuple[int, list[dict]]:

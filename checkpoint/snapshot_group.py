@@ -237,7 +237,7 @@ def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int) -> RebuiltShare
         length = max([len(b) for b in present.values()] + [0])
         if len(present) < k:
             raise RuntimeError(f"stripe {stripe.index}: only {len(present)} of the {k} blocks needed are reachable")
-        padded = {p: _pad(b, length) for p, b in present.items()}
+        padded = {p: pad_block(b, length) for p, b in present.items()}
         if n in stripe.data_nodes:
             position = stripe.data_nodes.index(n)
             out = np.zeros(length, np.uint8)
@@ -276,7 +276,8 @@ def _gather(plan: GroupPlan, peers: Peers, step: int, stripe: Stripe, lost: int)
     return present, sizes, metas
 
 
-def _pad(block: bytes, length: int) -> np.ndarray:
+def pad_block(block: bytes, length: int) -> np.ndarray:
+    """A block as `length` bytes: missing bytes of a shorter block count as zeros in its stripe."""
     out = np.zeros(length, np.uint8)
     out[: len(block)] = np.frombuffer(block, np.uint8)
     return out

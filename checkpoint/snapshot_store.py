@@ -232,13 +232,12 @@ class SnapshotStore:
         offset = 0
         for entry in meta["segments"]:
             rank, nbytes = entry["rank"], entry["nbytes"]
-            name = self.reserve(step, rank, nbytes)
+            self.reserve(step, rank, nbytes)
             with self.lock:
                 segment = self.steps[step].segments[rank]
                 segment.view()[:nbytes] = share[offset : offset + nbytes]
             self.deliver(step, rank, [BufferInfo(*b) for b in entry["buffers"]])
             offset += nbytes
-            del name
         with self.lock:
             self.parity[step] = parity
             self.steps[step].committed = True

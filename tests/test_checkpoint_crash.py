@@ -47,6 +47,21 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def start_job(config: Path) -> subprocess.Popen:
+    """Two ranks of `python -m trainer CONFIG` under torchrun, in their own session, output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "trainer", str(config)]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=rank_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def assert_latest_is_complete(ckpt_dir: Path) -> int | None:
     """`latest` names a complete checkpoint whose every chunk passes its checksum; returns the
     step a resume takes: the newest complete one (a kill between a manifest and `latest`
@@ -82,20 +97,10 @@ def crash_config(tmp_path, small_dataset) -> Path:
 def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_config, tmp_path):
     rng = random.Random(20261122)
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "trainer", str(crash_config)]
     kinds = []
     for trial in range(TRIALS):
         before = assert_latest_is_complete(ckpt_dir)
-        job = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=rank_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        job = start_job(crash_config)
         try:
             _wait_for_a_new_commit(ckpt_dir, before, job, timeout=120)
             time.sleep(rng.uniform(0.0, 1.5))
@@ -154,17 +159,7 @@ def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: flo
 def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_config, tmp_path):
     """Rank 1's writer dies between saves: both ranks stop at the next checkpoint, naming rank 1."""
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "trainer", str(crash_config)]
-    job = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=rank_env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    job = start_job(crash_config)
     try:
         _wait_for_a_new_commit(ckpt_dir, None, job, timeout=120)
         victim = [pid for pid, cmd in descendants(job.pid) if "checkpoint.writer" in cmd and _rank_of(pid) == 1]

@@ -53,6 +53,10 @@ class Group:
                 client.deliver(step, rank, buffers_of(rank, step, size + 4096 * rank))  # shares of unequal size
         commit_group([d.client() for d in self.daemons], step)
 
+    def kill(self, node: int) -> None:
+        self.daemons[node].process.send_signal(signal.SIGKILL)
+        self.daemons[node].process.wait()
+
     def replace(self, node: int) -> Daemon:
         self.daemons[node] = self._start(node)
         return self.daemons[node]
@@ -70,8 +74,7 @@ def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, pari
         group.deliver_and_commit(2, 1 << 18)
         for lost in itertools.combinations(range(nodes), parity):  # every set of m nodes
             for node in lost:
-                group.daemons[node].process.send_signal(signal.SIGKILL)
-                group.daemons[node].process.wait()
+                group.kill(node)
             for node in lost:  # a replacement per lost node, rebuilt from the survivors
                 replacement = group.replace(node)
                 reply = replacement.client().rebuild()
@@ -117,8 +120,7 @@ def test_a_daemon_killed_while_encoding_loses_no_committed_snapshot(tmp_path):
             for rank in (2 * node, 2 * node + 1):
                 client.deliver(2, rank, buffers_of(rank, 2, 8 << 20))
             if node == 1:  # its blocks are on their way to the parity holders
-                group.daemons[1].process.send_signal(signal.SIGKILL)
-                group.daemons[1].process.wait()
+                group.kill(1)
         time.sleep(1.0)
         for node, client in enumerate(clients):
             if node != 1:  # step 2 can never complete: node 1's blocks and parity are gone
@@ -171,8 +173,7 @@ def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
         code, rows = stalwart("verify", "1")
         assert code == 1 and any("rank 4" in p and "checksum mismatch" in p for p in rows[0]["problems"]), rows
         flip_byte(f"/dev/shm/{segment}", 100)  # restored: a rebuild from a corrupt survivor is refused
-        group.daemons[3].process.send_signal(signal.SIGKILL)
-        group.daemons[3].process.wait()
+        group.kill(3)
         code, rows = stalwart("status")
         assert code == 1 and rows[3] == {"node": 3, "reachable": False}
         group.replace(3)
@@ -207,8 +208,7 @@ def test_a_survivor_stands_in_for_a_lost_node_on_request(tmp_path):
     group = Group(tmp_path, 4, 1)
     try:
         group.deliver_and_commit(1, 1 << 18)
-        group.daemons[1].process.send_signal(signal.SIGKILL)
-        group.daemons[1].process.wait()
+        group.kill(1)
         survivor = group.daemons[0].client()
         assert survivor.rebuild(1).step == 1
         for rank in (2, 3):
@@ -236,8 +236,7 @@ def test_a_crash_between_the_two_commit_phases_still_rebuilds_the_step_some_comm
             time.sleep(0.05)
         for client in clients[:2]:  # phase two reaches nodes 0 and 1 only
             assert client.commit(2).committed
-        group.daemons[0].process.send_signal(signal.SIGKILL)
-        group.daemons[0].process.wait()
+        group.kill(0)
         replacement = group.replace(0).client()
         assert replacement.rebuild().step == 2
         for rank in (0, 1):
