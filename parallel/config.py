@@ -60,3 +60,32 @@ class ParallelConfig:
                 f"; run with {model_parallel * dp} ranks or change the degrees",
             )
         return dp
+
+
+@dataclass
+class PlannerConfig:
+    profile: str = "h100-gpt7b"
+    """Cost-model profile: a YAML file, or the name of one in parallel/profiles/ (`stalwart plan-profile` fits one)."""
+    tokens_per_rank: int | None = None
+    """Tokens one rank holds in a micro-batch; None takes the profile's."""
+    ranks_per_node: int = 8
+    """Ranks per node; groups larger than this pay the across-node all-to-all."""
+    time_limit_s: float = 0.9
+    """Wall-clock budget of one plan; the MIP stops within it and the best plan found so far is used."""
+    mip_gap: float = 0.01
+    """Stop the MIP once its plan is proven within this fraction of optimal."""
+    exact_sequences: int = 16
+    """The MIP places this many of the longest sequences one by one and spreads the rest fluidly."""
+
+    def validate(self) -> None:
+        if self.tokens_per_rank is not None and self.tokens_per_rank < 1:
+            raise ConfigError("planner.tokens_per_rank", f"must be >= 1 or null, got {self.tokens_per_rank}")
+        rpn = self.ranks_per_node
+        if rpn < 1 or rpn & (rpn - 1):
+            raise ConfigError("planner.ranks_per_node", f"must be a power of two, got {rpn}")
+        if self.time_limit_s <= 0:
+            raise ConfigError("planner.time_limit_s", f"must be > 0, got {self.time_limit_s}")
+        if not 0 <= self.mip_gap < 1:
+            raise ConfigError("planner.mip_gap", f"must be in [0, 1), got {self.mip_gap}")
+        if self.exact_sequences < 0:
+            raise ConfigError("planner.exact_sequences", f"must be >= 0, got {self.exact_sequences}")

@@ -1,0 +1,173 @@
+"""What a sequence-sharding plan is, how it is checked and what it costs.
+
+A plan splits one step's global batch over the data-parallel ranks. It partitions the
+ranks into groups of power-of-two sizes, each aligned to a multiple of its size so that all
+their process groups can be created once at start-up. A group runs its sequences with
+Ulysses sequence parallelism over its ranks, packed into micro-batches of at most
+size x tokens_per_rank tokens, one after another. Groups meet only at the gradient
+all-reduce, so the step lasts as long as the slowest group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from parallel.cost_model import CostModel
+
+
+class PlanError(ValueError):
+    """A batch that cannot be planned, or a plan that breaks a rule; the message says which."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    ranks: int
+    """Data-parallel ranks the plan splits (sequence-parallel groups are carved out of them)."""
+    ranks_per_node: int
+    """Ranks that share a node; a group that spans nodes pays the slower all-to-all."""
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise PlanError(f"ranks must be >= 1, got {self.ranks}")
+        rpn = self.ranks_per_node
+        if rpn < 1 or rpn & (rpn - 1):
+            raise PlanError(f"ranks per node must be a power of two, got {rpn}")
+        if self.ranks > rpn and self.ranks % rpn:
+            raise PlanError(f"{self.ranks} ranks do not fill whole nodes of {rpn}")
+
+    def group_sizes(self) -> list[int]:
+        """Every power of two up to the ranks: the sizes a group may take."""
+        return [1 << k for k in range(self.ranks.bit_length()) if 1 << k <= self.ranks]
+
+    def crosses_nodes(self, start: int, size: int) -> bool:
+        return start // self.ranks_per_node != (start + size - 1) // self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class Group:
+    start: int
+    """First rank of the group; a multiple of size."""
+    size: int
+    """Ranks in the group, a power of two."""
+    microbatches: tuple[tuple[int, ...], ...]
+    """Indices into the step's lengths: the sequences of each micro-batch, packed in this order."""
+
+    @property
+    def sequences(self) -> tuple[int, ...]:
+        return tuple(i for mb in self.microbatches for i in mb)
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[Group, ...]
+    """A partition of the ranks, in rank order."""
+    estimated_time: float
+    """Seconds the step takes under the cost model: the time of the slowest group."""
+    lower_bound: float
+    """Seconds no plan can beat (proven); estimated_time / lower_bound - 1 bounds how far from optimal it is."""
+    method: str
+    """How the plan was found: optimal (it meets the bound), mip-*, or greedy."""
+    solve_seconds: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        """(estimated - lower bound) / estimated: 0 when the plan is proven optimal."""
+        return max(0.0, 1.0 - self.lower_bound / self.estimated_time) if self.estimated_time > 0 else 0.0
+
+
+def check_lengths(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: CostModel) -> np.ndarray:
+    """The batch as an int64 array; raises PlanError on an empty batch, a bad length, or one nothing can hold."""
+    array = np.asarray(lengths)
+    if array.ndim != 1 or array.size == 0:
+        raise PlanError("the batch is empty: there are no sequences to plan")
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise PlanError(f"sequence lengths must be whole numbers of tokens; got {array[:5].tolist()} ...")
+        array = array.astype(np.int64)
+    bad = np.flatnonzero(array <= 0)
+    if bad.size:
+        raise PlanError(f"sequence {bad[0]} has length {array[bad[0]]}: lengths must be positive")
+    capacity = cluster.ranks * model.tokens_per_rank
+    too_long = np.flatnonzero(array > capacity)
+    if too_long.size:
+        i = too_long[0]
+        raise PlanError(
+            f"sequence {i} has {array[i]:,} tokens, more than all {cluster.ranks} ranks hold together "
+            f"({cluster.ranks} x {model.tokens_per_rank:,} tokens per rank = {capacity:,}); "
+            "clip or split it, or plan over more ranks"
+        )
+    return array.astype(np.int64)
+
+
+def group_time(group: Group, lengths: np.ndarray, model: CostModel, cluster: Cluster) -> float:
+    cross = cluster.crosses_nodes(group.start, group.size)
+    return sum(model.group_time([int(lengths[i]) for i in mb], group.size, cross) for mb in group.microbatches)
+
+
+def plan_time(groups: Sequence[Group], lengths: np.ndarray, model: CostModel, cluster: Cluster) -> float:
+    return max((group_time(g, lengths, model, cluster) for g in groups), default=0.0)
+
+
+def pack_microbatches(sequences: Sequence[int], lengths: np.ndarray, capacity: int) -> tuple[tuple[int, ...], ...]:
+    """First-fit decreasing: the fewest micro-batches this simple rule finds, longest sequences first."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(sequences, key=lambda i: (-int(lengths[i]), i)):
+        b = next((b for b in range(len(bins)) if used[b] + lengths[i] <= capacity), None)
+        if b is None:
+            bins.append([])
+            used.append(0)
+            b = len(bins) - 1
+        bins[b].append(int(i))
+        used[b] += int(lengths[i])
+    return tuple(tuple(b) for b in bins)
+
+
+def place_groups(sizes: Sequence[int]) -> list[int]:
+    """Start ranks for groups of these power-of-two sizes: largest first, so every start is a multiple of its size."""
+    order = sorted(range(len(sizes)), key=lambda k: -sizes[k])
+    starts = [0] * len(sizes)
+    offset = 0
+    for k in order:
+        starts[k] = offset
+        offset += sizes[k]
+    return starts
+
+
+def check_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> None:
+    """Raise PlanError unless the groups partition the ranks, every sequence runs exactly once and every
+    micro-batch fits its group's memory."""
+    _check_partition(plan.groups, cluster)
+    seen = np.zeros(len(lengths), dtype=np.int64)
+    for g in plan.groups:
+        for mb in g.microbatches:
+            if not mb:
+                raise PlanError(f"group at rank {g.start} has an empty micro-batch")
+            if any(not 0 <= i < len(lengths) for i in mb):
+                raise PlanError(f"group at rank {g.start} names a sequence not in the batch: {mb}")
+            tokens = int(sum(int(lengths[i]) for i in mb))
+            if not model.fits(tokens, g.size):
+                raise PlanError(
+                    f"group at rank {g.start} of {g.size} packs {tokens:,} tokens in one micro-batch, over its "
+                    f"capacity {g.size * model.tokens_per_rank:,}"
+                )
+            seen[list(mb)] += 1
+    wrong = np.flatnonzero(seen != 1)
+    if wrong.size:
+        raise PlanError(f"sequence {wrong[0]} is planned {seen[wrong[0]]} times, not once")
+
+
+def _check_partition(groups: Sequence[Group], cluster: Cluster) -> None:
+    covered = np.zeros(cluster.ranks, dtype=np.int64)
+    for g in groups:
+        if g.size < 1 or g.size & (g.size - 1):
+            raise PlanError(f"group at rank {g.start} has size {g.size}, not a power of two")
+        if g.start % g.size or g.start < 0 or g.start + g.size > cluster.ranks:
+            raise PlanError(f"group [{g.start}, {g.start + g.size}) is not an aligned block of the ranks")
+        covered[g.start : g.start + g.size] += 1
+    if np.any(covered != 1):
+        rank = int(np.flatnonzero(covered != 1)[0])
+        raise PlanError(f"rank {rank} is in {covered[rank]} groups, not exactly one")
