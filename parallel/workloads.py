@@ -18,10 +18,8 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from scipy.special import ndtri
 
-from trainer.data import read_dataset_info
 
 WIKIPEDIA_PERCENTILES: tuple[tuple[float, int], ...] = ((50.0, 347), (90.0, 2_112), (99.0, 10_919), (99.9, 37_353))
 """Published Wikipedia document token-length percentiles: (percentile, tokens)."""
@@ -92,8 +90,8 @@ def wikipedia_quantile(tail_probability: np.ndarray, tail_exponent: float = WIKI
 
 
 def _body_quantile(p: np.ndarray) -> np.ndarray:
-    # torch has the vectorised inverse normal CDF that numpy lacks; 1 - p is exact for p >= 0.5.
-    z = torch.special.ndtri(torch.from_numpy(1.0 - p)).numpy()
+    # 1 - p is exact for p >= 0.5.
+    z = ndtri(1.0 - p)
     return np.exp(_KNOT_LOG_TOKENS[0] + _BODY_SIGMA * z)
 
 
@@ -165,6 +163,8 @@ def corpus_lengths(prefix: str | Path) -> np.ndarray:
     ``prefix`` is either a dataset prefix as given to ``stalwart data prepare --output``
     (its ``{prefix}-train`` split is read) or the prefix of one split's ``.bin``/``.idx``.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow to import; only corpora need it
+
     dataset = IndexedDataset(_split_prefix(str(prefix)), mmap=True)
     return _document_lengths(dataset.sequence_lengths, dataset.document_indices)
 
@@ -177,6 +177,8 @@ def _split_prefix(prefix: str) -> str:
                 raise WorkloadError(f"indexed dataset file {prefix + suffix!r} does not exist")
         return prefix
     if Path(f"{prefix}-meta.json").is_file() or Path(f"{prefix}-train.idx").is_file():
+        from trainer.data import read_dataset_info  # imports megatron, which the synthetic workloads never need
+
         # Says whether the preparation never finished or a split file went missing.
         read_dataset_info(prefix)
         return f"{prefix}-train"
