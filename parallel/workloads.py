@@ -20,7 +20,6 @@ from statistics import NormalDist
 import numpy as np
 from scipy.special import ndtri
 
-
 WIKIPEDIA_PERCENTILES: tuple[tuple[float, int], ...] = ((50.0, 347), (90.0, 2_112), (99.0, 10_919), (99.9, 37_353))
 """Published Wikipedia document token-length percentiles: (percentile, tokens)."""
 LONG_DOCUMENT_TOKENS = 8_192
