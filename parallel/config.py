@@ -70,7 +70,7 @@ class PlannerConfig:
     """Tokens one rank holds in a micro-batch; None takes the profile's."""
     ranks_per_node: int = 8
     """Ranks per node; groups larger than this pay the across-node all-to-all."""
-    time_limit_s: float = 0.9
+    time_limit_s: float = 0.8
     """Wall-clock budget of one plan; the MIP stops within it and the best plan found so far is used."""
     mip_gap: float = 0.01
     """Stop the MIP once its plan is proven within this fraction of optimal."""

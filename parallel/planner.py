@@ -109,13 +109,11 @@ class Assignment:
         return max(self.load(problem, g) for g in range(len(self.members)))
 
 
-def _smallest_size(problem: Problem, i: int, limit: float) -> int | None:
-    """The smallest size that holds sequence i and runs it within limit, else the largest that holds it."""
-    fitting = [k for k in range(len(problem.sizes)) if problem.fits(i, k)]
-    if not fitting:
-        return None
-    within = [k for k in fitting if problem.times[i, k] <= limit]
-    return within[0] if within else fitting[-1]
+def smallest_sizes(problem: Problem, limit: float) -> np.ndarray:
+    """Per sequence, the smallest size that holds it and runs it within limit, else the largest size."""
+    holds = problem.lengths[:, None] <= problem.holds[None, :]
+    within = holds & (problem.times <= limit)
+    return np.where(within.any(axis=1), np.argmax(within, axis=1), len(problem.sizes) - 1)
 
 
 def greedy_homogeneous(problem: Problem, k: int) -> Assignment | None:
@@ -143,8 +141,8 @@ def greedy_within(problem: Problem, limit: float, wide_first: bool = False) -> A
     filled first, longest first: a long sequence pays a wide group's fixed all-to-all cost least often.
     """
     o = problem.model.microbatch_overhead
-    wanted = [_smallest_size(problem, i, limit - o) for i in range(len(problem.lengths))]
-    if any(k is None or problem.times[i, k] + o > limit for i, k in enumerate(wanted)):
+    wanted = smallest_sizes(problem, limit - o)
+    if np.any(problem.times[np.arange(len(wanted)), wanted] + o > limit):
         return None
     size_of: list[int] = []
     members: list[list[int]] = []
@@ -170,21 +168,24 @@ def greedy_within(problem: Problem, limit: float, wide_first: bool = False) -> A
 
 def _fill(problem: Problem, a: Assignment, order: list[int], limit: float, wide_first: bool) -> Assignment | None:
     o = problem.model.microbatch_overhead
-    loads = np.array([a.load(problem, g) for g in range(len(a.members))])
-    narrow = np.array([problem.sizes[k] == 1 for k in a.size_of]) != wide_first
-    fits = np.array([[problem.fits(i, k) for k in a.size_of] for i in order]) if order else None
+    size = np.array(a.size_of, dtype=np.int64)
+    holds = problem.holds[size]
+    work = np.array([problem.times[m, k].sum() for m, k in zip(a.members, a.size_of, strict=True)])
+    tokens = np.array([problem.lengths[m].sum() for m in a.members], dtype=np.float64)
+    preferred = (size == 0) != wide_first
+    fits = problem.lengths[order][:, None] <= holds[None, :]
     for n, i in enumerate(order):
-        # Charging every sequence its own overhead bounds the micro-batch count from above.
-        finish = loads + problem.times[i, a.size_of] + o
+        # One more overhead than the tokens may need: an upper bound on the micro-batches.
+        finish = work + problem.times[i, size] + o * (np.ceil(tokens / holds) + 1)
         ok = fits[n] & (finish <= limit)
-        options = np.flatnonzero(ok & narrow)
-        if not options.size:
-            options = np.flatnonzero(ok)
-        if not options.size:
+        first = ok & preferred
+        options = first if first.any() else ok
+        if not options.any():
             return None
-        g = int(options[np.argmin(finish[options])])
+        g = int(np.argmin(np.where(options, finish, np.inf)))
         a.members[g].append(int(i))
-        loads[g] = a.load(problem, g)
+        work[g] += problem.times[i, size[g]]
+        tokens[g] += problem.lengths[i]
     return a
 
 
