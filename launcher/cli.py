@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot = commands.add_parser("snapshot", help="the job's snapshot daemons: status, ls, verify, rebuild, ...")
     snapshot_commands.add_arguments(snapshot)
     snapshot.set_defaults(func=snapshot_commands.run)
+
+    from parallel import plan_commands
+
+    plan = commands.add_parser("plan", help="plan one step's sequence-parallel groups and show the plan (table, PNG)")
+    plan_commands.add_arguments(plan)
+    plan.set_defaults(func=plan_commands.run)
     return parser
 
 

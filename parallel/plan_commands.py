@@ -1,0 +1,168 @@
+"""`stalwart plan`: plan one step's batch and show why it takes as long as it does.
+
+    stalwart plan --lengths FILE --ranks 64                 # one length per line, or a JSON list
+    stalwart plan --corpus data/stdlib --ranks 64 --sequences 512 --clip 131072
+    stalwart plan --workload wikipedia --ranks 64 --png plan.png --baselines
+
+Prints the groups (ranks, size, whether they span nodes, micro-batches, sequences, time), then
+the step's estimate, the proven lower bound, the imbalance and, with --baselines, what one
+sequence-parallel degree and megatron-core's BalancedCPScheduler would take on the same batch.
+Exit codes: 0 planned, 2 bad input (named on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import numpy as np
+
+from parallel.config import PlannerConfig
+from parallel.cost_model import CostModel, ProfileError, load_profile
+from parallel.plan import Cluster, Plan, PlanError, group_time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lengths", metavar="FILE", help="sequence lengths: one per line, or a JSON list")
+    source.add_argument("--corpus", metavar="DATASET", help="draw documents from a `stalwart data prepare` dataset")
+    source.add_argument("--workload", choices=["wikipedia"], help="draw from a synthetic length distribution")
+    parser.add_argument("--ranks", type=int, required=True, help="data-parallel ranks to split into groups")
+    parser.add_argument("--ranks-per-node", type=int, default=PlannerConfig.ranks_per_node)
+    parser.add_argument("--profile", default=PlannerConfig.profile, help="cost-model profile: a file or a name")
+    parser.add_argument("--tokens-per-rank", type=int, help="memory per rank in tokens (default: the profile's)")
+    parser.add_argument("--time-limit", type=float, default=PlannerConfig.time_limit_s, help="seconds to plan")
+    parser.add_argument("--sequences", type=int, default=512, help="batch size drawn from --corpus/--workload")
+    parser.add_argument("--clip", type=int, help="cut longer sequences to this many tokens (the model's maximum)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn batch")
+    parser.add_argument("--png", metavar="FILE", help="also draw the plan: groups over ranks against time")
+    parser.add_argument("--baselines", action="store_true", help="also score one degree and megatron's scheduler")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from parallel.planner import plan_step
+    from parallel.workloads import WorkloadError
+
+    try:
+        config = PlannerConfig(
+            profile=args.profile,
+            tokens_per_rank=args.tokens_per_rank,
+            ranks_per_node=args.ranks_per_node,
+            time_limit_s=args.time_limit,
+        )
+        config.validate()
+        model = load_profile(config.profile)
+        if config.tokens_per_rank is not None:
+            model = model.with_capacity(config.tokens_per_rank)
+        cluster = Cluster(args.ranks, config.ranks_per_node)
+        lengths = _batch(args)
+        plan = plan_step(lengths, cluster, model, config)
+    except (PlanError, ProfileError, WorkloadError, ValueError) as e:
+        print(f"stalwart plan: error: {e}", file=sys.stderr)
+        return 2
+    baselines = _baselines(lengths, cluster, model) if args.baselines else []
+    if args.json:
+        print(json.dumps({"plan": asdict(plan), "gap": plan.gap, "baselines": [asdict(b) for b in baselines]}))
+    else:
+        print(plan_table(plan, lengths, cluster, model))
+        for b in baselines:
+            ratio = plan.estimated_time / b.estimated_time
+            print(f"{b.name:<12} {b.estimated_time:9.3f} s  ({b.detail}): the plan takes {ratio:.2f}x")
+    if args.png:
+        draw_plan(plan, lengths, cluster, model, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> np.ndarray:
+    from parallel.workloads import clip_lengths, corpus_lengths, draw_batches, read_lengths_file, workload_lengths
+
+    if args.lengths:
+        return clip_lengths(read_lengths_file(args.lengths), args.clip)
+    if args.sequences < 1:
+        raise PlanError(f"--sequences must be >= 1, got {args.sequences}")
+    if args.corpus:
+        pool = corpus_lengths(args.corpus)
+        return clip_lengths(draw_batches(pool, 1, args.sequences, args.seed)[0], args.clip)
+    return workload_lengths(args.workload, args.clip, args.sequences, args.seed)
+
+
+def _baselines(lengths: np.ndarray, cluster: Cluster, model: CostModel):
+    from parallel.plan_baselines import best_homogeneous, megatron_balanced_cp
+
+    return [best_homogeneous(lengths, cluster, model), megatron_balanced_cp(lengths, cluster, model)]
+
+
+def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> str:
+    """The plan as text: a row per group, then the step's figures."""
+    rows = [f"{'ranks':<11}{'size':>5}  {'nodes':<6}{'mbs':>4}{'seqs':>6}{'tokens':>10}  {'longest':<22}{'time s':>8}"]
+    times = [group_time(g, lengths, model, cluster) for g in plan.groups]
+    for g, t in zip(plan.groups, times, strict=True):
+        longest = sorted((int(lengths[i]) for i in g.sequences), reverse=True)[:3]
+        spans = "spans" if cluster.crosses_nodes(g.start, g.size) else "one"
+        ranks = f"{g.start}-{g.start + g.size - 1}" if g.size > 1 else f"{g.start}"
+        tokens = sum(int(lengths[i]) for i in g.sequences)
+        rows.append(
+            f"{ranks:<11}{g.size:>5}  {spans:<6}{len(g.microbatches):>4}{len(g.sequences):>6}{tokens:>10,}  "
+            f"{', '.join(f'{s:,}' for s in longest):<22}{t:>8.3f}" + ("  <- slowest" if t == max(times) else "")
+        )
+    busy = sum(t * g.size for g, t in zip(plan.groups, times, strict=True)) / (cluster.ranks * plan.estimated_time)
+    rows += [
+        "",
+        f"{len(lengths)} sequences, {int(lengths.sum()):,} tokens on {cluster.ranks} ranks "
+        f"({cluster.ranks_per_node} per node, {model.tokens_per_rank:,} tokens per rank, profile {model.name})",
+        f"step estimate {plan.estimated_time:.3f} s; proven lower bound {plan.lower_bound:.3f} s "
+        f"(gap {plan.gap:.1%}); ranks busy {busy:.0%} of the step; {plan.method}, "
+        f"planned in {plan.solve_seconds:.2f} s",
+    ]
+    return "\n".join(rows)
+
+
+def draw_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel, path: str) -> None:
+    """A Gantt-like chart: each group a band of its ranks, its sequences laid end to end in time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    norm = colors.LogNorm(vmin=max(1, int(lengths.min())), vmax=max(2, int(lengths.max())))
+    figure, axes = plt.subplots(figsize=(11, max(3.5, min(14, cluster.ranks * 0.09 + 2))))
+    for g in plan.groups:
+        cross = cluster.crosses_nodes(g.start, g.size)
+        t = 0.0
+        for mb in g.microbatches:
+            for i in mb:
+                width = model.time(float(lengths[i]), g.size, cross)
+                axes.barh(
+                    g.start,
+                    width,
+                    height=g.size * 0.92,
+                    left=t,
+                    align="edge",
+                    color=cm.viridis(norm(int(lengths[i]))),
+                    edgecolor="white",
+                    linewidth=0.3,
+                )
+                t += width
+            axes.barh(g.start, model.microbatch_overhead, height=g.size * 0.92, left=t, align="edge", color="0.75")
+            t += model.microbatch_overhead
+        axes.text(t, g.start + g.size * 0.46, f" {g.size}", va="center", fontsize=7)
+    axes.axvline(plan.lower_bound, color="crimson", linestyle="--", linewidth=1, label="proven lower bound")
+    axes.axvline(plan.estimated_time, color="black", linewidth=1, label="step estimate")
+    for node in range(cluster.ranks_per_node, cluster.ranks, cluster.ranks_per_node):
+        axes.axhline(node, color="0.85", linewidth=0.5, zorder=0)
+    axes.set_ylim(cluster.ranks, 0)
+    axes.set_xlabel("seconds (cost model)")
+    axes.set_ylabel("rank (a bar spans its group's ranks; grey: micro-batch overhead)")
+    axes.set_title(
+        f"{len(lengths)} sequences on {cluster.ranks} ranks: {plan.estimated_time:.3f} s, gap {plan.gap:.1%}"
+    )
+    figure.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="sequence length (tokens)")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
