@@ -1,7 +1,8 @@
 """What the planner is measured against, scored by the same cost model on the same batches.
 
 - Static sequence parallelism (Megatron-LM's context parallelism, DeepSpeed-Ulysses as usually run): one
-  degree d for the whole run, at least what its longest sequence needs. The ranks form groups of d; each
+  degree d for the whole run, at least what the run's maximum sequence length needs (the degree is set
+  in the launch configuration, before any batch is seen). The ranks form groups of d; each
   group takes sequences longest first onto the least-loaded group and packs them into micro-batches of at
   most d x tokens_per_rank (first-fit decreasing). Groups run their micro-batches back to back and meet
   only at the gradient all-reduce, so a step lasts as long as the busiest group.
@@ -66,9 +67,12 @@ def degrees_that_fit(longest: int, cluster: Cluster, model: CostModel) -> list[i
     return [d for d in cluster.group_sizes() if cluster.ranks % d == 0 and longest <= d * model.tokens_per_rank]
 
 
-def best_static(batches: Sequence[np.ndarray], cluster: Cluster, model: CostModel) -> tuple[int, list[float]]:
-    """The one degree that makes the whole run fastest, and each batch's time under it."""
-    longest = max(int(b.max()) for b in batches)
+def best_static(
+    batches: Sequence[np.ndarray], max_length: int, cluster: Cluster, model: CostModel
+) -> tuple[int, list[float]]:
+    """Of the degrees that hold the run's maximum length, the one that makes these batches fastest, and
+    each batch's time under it."""
+    longest = max(max_length, *(int(b.max()) for b in batches))
     degrees = degrees_that_fit(longest, cluster, model)
     if not degrees:
         raise PlanError(f"no static degree holds a {longest:,}-token sequence on {cluster.ranks} ranks")
@@ -104,6 +108,9 @@ def megatron_balanced_cp(lengths: np.ndarray, cluster: Cluster, model: CostModel
     scheduler = BalancedCPScheduler(model.tokens_per_rank, _GroupOfSize(cluster.ranks))
     samples = [(i, int(s)) for i, s in enumerate(lengths)]
     _, sample_ids = scheduler.get_groups_and_subsamples(samples, None)
+    scheduled = sorted({int(i) for ids in sample_ids for rank in ids for i in rank})
+    if scheduled != list(range(len(lengths))):
+        raise PlanError(f"BalancedCPScheduler left out sequences {sorted(set(range(len(lengths))) - set(scheduled))}")
     total = sum(_megatron_round_time(ids, lengths, cluster, model) for ids in sample_ids)
     return Baseline("megatron", total, f"{len(sample_ids)} rounds")
 

@@ -15,8 +15,9 @@ from parallel.config import PlannerConfig
 from parallel.cost_model import CostModel, ProfileError, load_profile
 from parallel.plan import Cluster, PlanError, check_plan, place_groups, plan_time
 from parallel.plan_ahead import PlanAhead
-from parallel.plan_baselines import best_homogeneous
+from parallel.plan_baselines import best_homogeneous, best_static, homogeneous_time, megatron_balanced_cp
 from parallel.planner import plan_step
+from parallel.workloads import wikipedia_batches
 
 H100 = load_profile("h100-gpt7b")
 FAST = PlannerConfig(time_limit_s=0.3)
@@ -198,3 +199,24 @@ def test_plan_ahead_plans_in_an_idle_priority_process():
         pid = ahead.pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("ranks", [8, 64])
+def test_baselines_score_real_schedules_that_no_plan_beats_the_bound_of(ranks):
+    cluster, longest = Cluster(ranks, 8), {8: 65536, 64: 131072}[ranks]  # 8 ranks hold 64K tokens at most
+    batches = wikipedia_batches(3, 8 * ranks, longest, seed=5)
+    degree, static = best_static(batches, longest, cluster, H100)
+    assert degree >= longest // H100.tokens_per_rank  # at least the ranks that hold the longest sequence
+    for lengths, static_time in zip(batches, static, strict=True):
+        plan = plan_step(lengths, cluster, H100, FAST)
+        homogeneous = best_homogeneous(lengths, cluster, H100)
+        megatron = megatron_balanced_cp(lengths, cluster, H100)
+        assert static_time >= homogeneous.estimated_time >= plan.lower_bound
+        assert megatron.estimated_time >= plan.lower_bound
+        assert plan.estimated_time < homogeneous.estimated_time
+
+
+def test_a_degree_that_cannot_hold_a_sequence_is_never_chosen():
+    lengths = np.array([20_000, 100, 100])
+    assert homogeneous_time(lengths, Cluster(8, 8), H100, 2) == np.inf
+    assert best_homogeneous(lengths, Cluster(8, 8), H100).detail in {"degree 4", "degree 8"}
