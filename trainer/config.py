@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 
 from checkpoint.config import CheckpointConfig, SnapshotConfig
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, PlannerConfig
 from trainer.schema import ConfigError, apply_override, from_dict
 
 
@@ -183,6 +183,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError on the first problem; with a world size also check the layout fits it."""
@@ -192,6 +193,7 @@ class Config:
         self.parallel.validate()
         self.checkpoint.validate()
         self.snapshot.validate()
+        self.planner.validate()
         dp = self.parallel.data_parallel_size(world_size) if world_size else (self.parallel.dp or 1)
         self.train.validate(dp)
         self._validate_layout()
