@@ -106,11 +106,14 @@ def workloads(quick: bool) -> list[tuple[int, str, int, list[np.ndarray]]]:
 
 def profile_error(quick: bool) -> tuple[float, float]:
     """Mean and largest relative error of a model fitted on this machine, on (s, d) points it did not see."""
-    from parallel.profiler import profile_machine
+    from parallel import profiler
 
-    _, _, held_out = profile_machine(quick=quick, progress=False)
-    errors = [abs(e.rel_error) for e in held_out]
-    return float(np.mean(errors)), float(np.max(errors))
+    if quick:
+        points = profiler.QUICK_FIT_POINTS, profiler.QUICK_HELD_OUT_POINTS, profiler.QUICK_REPEATS
+    else:
+        points = profiler.FIT_POINTS, profiler.HELD_OUT_POINTS, profiler.REPEATS
+    _, _, held_out = profiler.profile_machine(None, *points, progress=True)
+    return profiler.error_summary(held_out)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="plan one step's sequence-parallel groups and show the plan (table, PNG)")
     plan_commands.add_arguments(plan)
     plan.set_defaults(func=plan_commands.run)
+    profile = commands.add_parser(
+        "plan-profile", help="fit the planner's cost model on this machine (real kernels, gloo all-to-all)"
+    )
+    plan_commands.add_profile_arguments(profile)
+    profile.set_defaults(func=plan_commands.run_profile)
     return parser
 
 

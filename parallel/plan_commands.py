@@ -166,3 +166,21 @@ def draw_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMode
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """`stalwart plan-profile`: its arguments live here so that parsing them does not import torch."""
+    parser.add_argument("--out", required=True, help="where to write the fitted profile (YAML)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer and shorter points, fewer repeats (about 15 s on 2 cores)"
+    )
+    parser.add_argument(
+        "--tokens-per-rank", type=int, default=None, help="tokens one rank can hold (default: the most it measured)"
+    )
+    parser.add_argument("--description", default=None, help="a line about the machine, kept in the profile's notes")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from parallel.profiler import run_profile
+
+    return run_profile(args)
