@@ -16,7 +16,6 @@ profiles built from published figures.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -81,10 +80,6 @@ class CostModel:
 
     def fits(self, tokens: int, d: int) -> bool:
         return tokens <= d * self.tokens_per_rank
-
-    def min_degree(self, s: int) -> int:
-        """The smallest power-of-two group that holds a sequence of s tokens."""
-        return 1 << max(0, math.ceil(math.log2(s / self.tokens_per_rank))) if s > self.tokens_per_rank else 1
 
     def with_capacity(self, tokens_per_rank: int) -> CostModel:
         return CostModel(**{**self.to_dict(), "tokens_per_rank": tokens_per_rank})
