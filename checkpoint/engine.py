@@ -26,7 +26,14 @@ import torch
 from checkpoint.layout import chunk_shape, padding_chunk_shape, padding_region, split_rows, tp_regions
 from checkpoint.state import Piece
 from checkpoint.universal import PADDING_SUFFIX, CheckpointError
-from checkpoint.writer import HEADER_BYTES, ChunkWrite, CreateArrays, FinishStep, Flush, ring_views
+from checkpoint.writer import FREED, HEADER_BYTES, STAGING, ChunkWrite, CreateArrays, FinishStep, Flush, ring_views
+
+
+class WriterDied(CheckpointError):
+    """The rank's writer process is gone; the same words whether staging, checking or flushing noticed."""
+
+    def __init__(self):
+        super().__init__("the checkpoint writer process died")
 
 
 class StagingRing:
@@ -36,8 +43,8 @@ class StagingRing:
         self.size = size
         self.shm = shared_memory.SharedMemory(create=True, size=size + HEADER_BYTES)
         os.chmod(f"/dev/shm/{self.shm.name.lstrip('/')}", 0o600)  # the job's user only
-        self.freed, self.buffer = ring_views(self.shm.buf, size)
-        self.freed[0] = 0
+        self.header, self.buffer = ring_views(self.shm.buf, size)
+        self.header[:] = 0
         self.head = 0
         self.peak_bytes = 0
 
@@ -48,12 +55,12 @@ class StagingRing:
         start = self.head
         if start % self.size + nbytes > self.size:
             start += self.size - start % self.size  # no chunk wraps around the end
-        while start + nbytes - int(self.freed[0]) > self.size:
+        while start + nbytes - int(self.header[FREED]) > self.size:
             if not writer_alive():
-                raise CheckpointError("the checkpoint writer process died")
+                raise WriterDied()
             time.sleep(0.0005)
         self.head = start + nbytes
-        self.peak_bytes = max(self.peak_bytes, self.head - int(self.freed[0]))
+        self.peak_bytes = max(self.peak_bytes, self.head - int(self.header[FREED]))
         return start
 
     def view(self, start: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -61,7 +68,7 @@ class StagingRing:
         return self.buffer[offset : offset + 4 * int(np.prod(shape))].view(np.float32).reshape(shape)
 
     def close(self) -> None:
-        del self.freed, self.buffer
+        del self.header, self.buffer
         self.shm.close()
         self.shm.unlink()
 
@@ -80,7 +87,7 @@ class CheckpointEngine:
         try:
             self.requests.send(request)
         except OSError as e:  # the pipe broke: the writer is gone
-            raise CheckpointError("the checkpoint writer process died") from e
+            raise WriterDied() from e
 
     def writer_alive(self) -> bool:
         return self.writer.poll() is None
@@ -109,6 +116,7 @@ class CheckpointEngine:
         # idle time rather than the training thread's (the copies release the GIL).
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         root = create.root
+        self.ring.header[STAGING] = 1
         try:
             self._send(create)
             with torch.no_grad():
@@ -118,6 +126,8 @@ class CheckpointEngine:
             self._send(finish)
         except BaseException as e:  # surfaced by check()
             self._error = e
+        finally:
+            self.ring.header[STAGING] = 0
 
     def _stage_piece(self, root: str, piece: Piece, tp_rank: int, tp: int) -> None:
         chunks = chunk_shape(piece.layout, tp)
@@ -148,18 +158,20 @@ class CheckpointEngine:
         self.wait_staged()
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, WriterDied):  # one failure, one message, wherever it is noticed
+                raise error
             raise CheckpointError(f"staging the checkpoint failed: {error}") from error
         if self.replies.poll(0):  # outside wait_written() the writer only ever reports errors
             self._reply()
         if not self.writer_alive():
-            raise CheckpointError("the checkpoint writer process died")
+            raise WriterDied()
 
     def _reply(self):
         """The writer's next reply: raises its error, or that it is gone."""
         try:
             kind, value = self.replies.recv()
         except EOFError:
-            raise CheckpointError("the checkpoint writer process died") from None
+            raise WriterDied() from None
         if kind == "error":
             raise CheckpointError(f"the checkpoint writer failed:\n{value}")
         return value
@@ -174,7 +186,7 @@ class CheckpointEngine:
         while True:
             if not self.replies.poll(0.5):
                 if not self.writer_alive():
-                    raise CheckpointError("the checkpoint writer process died")
+                    raise WriterDied()
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"the checkpoint writer did not finish in {timeout_s:.0f} s")
                 continue

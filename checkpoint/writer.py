@@ -12,6 +12,7 @@ the side, so that a lost peer cannot back up the ring and stall training.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import shutil
@@ -90,14 +91,29 @@ class Flush:
 
 
 HEADER_BYTES = 64
-"""The ring's shared memory starts with a header; its first int64 is the bytes freed so far."""
+"""The ring's shared memory starts with a header of int64 slots (below), then the data."""
+FREED, WRITER_PHASE, STAGING = 0, 1, 2
+"""Header slots: bytes the writer has freed so far; the writer's Phase; 1 while the trainer copies."""
+
+
+class Phase(enum.IntEnum):
+    """What the writer is doing, published in the ring's header so that an observer (a crash
+    test, an operator's debugger) can tell which part of a save a process is in."""
+
+    IDLE = 0
+    WRITING = 1
+    """Between a save's CreateArrays and its FinishStep: creating arrays, writing chunk files."""
+    FINISHING = 2
+    """Fsyncing the save's directories, writing this rank's RNG file and done marker."""
+    COMMITTING = 3
+    """Rank 0's writer: the manifest, `latest` and retention of a save every rank finished."""
 
 
 def ring_views(buffer, ring_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(freed counter, data ring) over the shared memory of a staging ring."""
-    freed = np.ndarray((1,), dtype=np.int64, buffer=buffer)
+    """(header slots, data ring) over the shared memory of a staging ring."""
+    header = np.ndarray((HEADER_BYTES // 8,), dtype=np.int64, buffer=buffer)
     ring = np.ndarray((ring_size,), dtype=np.uint8, buffer=buffer, offset=HEADER_BYTES)
-    return freed, ring
+    return header, ring
 
 
 def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connection, trainer_pid: int) -> None:
@@ -105,9 +121,9 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
     shm = shared_memory.SharedMemory(name=shm_name)
     # Python 3.11 registers even an attached segment for removal at exit; the trainer owns it.
     resource_tracker.unregister(shm._name, "shared_memory")
-    freed, ring = ring_views(shm.buf, ring_size)
+    header, ring = ring_views(shm.buf, ring_size)
     written: dict[str, dict[str, list[str]]] = {}
-    commits = PendingCommits(trainer_pid)
+    commits = PendingCommits(trainer_pid, header)
     try:
         while True:
             if commits and not requests.poll(COMMIT_POLL_S):
@@ -116,12 +132,15 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
             if (request := _next_request(requests)) is None:
                 break
             if isinstance(request, CreateArrays):
+                header[WRITER_PHASE] = Phase.WRITING
                 _create_arrays(request, trainer_pid)
             elif isinstance(request, ChunkWrite):
                 _write_chunk(request, ring, ring_size, written)
-                freed[0] = request.ring_start + request.nbytes
+                header[FREED] = request.ring_start + request.nbytes
             elif isinstance(request, FinishStep):
+                header[WRITER_PHASE] = Phase.FINISHING
                 _finish_step(request, written.pop(request.root, {}))
+                header[WRITER_PHASE] = Phase.IDLE
                 if request.commit:
                     commits.add(request)
             elif isinstance(request, Flush):
@@ -134,7 +153,8 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
     except Exception:  # the trainer re-raises it at its next check
         replies.send(("error", traceback.format_exc()))
     finally:
-        del freed, ring
+        del header, ring
+        commits.header = None
         shm.close()
 
 
@@ -145,8 +165,9 @@ COMMIT_POLL_S = 0.05
 class PendingCommits:
     """Rank 0's saves whose own share is written, each waiting for every rank's done marker."""
 
-    def __init__(self, trainer_pid: int):
+    def __init__(self, trainer_pid: int, header: np.ndarray):
         self.trainer_pid = trainer_pid
+        self.header = header
         self.waiting: list[tuple[FinishStep, float]] = []  # (request, deadline), oldest first
         self.last_look = 0.0
 
@@ -172,9 +193,14 @@ class PendingCommits:
                 return
             self.waiting.pop(0)
             if reports is not None:
-                root = Path(request.root)
-                commit(root.parent, root, reports, request.step)
-                _apply_retention(root.parent, request.keep, request.keep_every)
+                self._commit(request, reports)
+
+    def _commit(self, request: FinishStep, reports: list) -> None:
+        root = Path(request.root)
+        phase, self.header[WRITER_PHASE] = int(self.header[WRITER_PHASE]), Phase.COMMITTING
+        commit(root.parent, root, reports, request.step)
+        _apply_retention(root.parent, request.keep, request.keep_every)
+        self.header[WRITER_PHASE] = phase
 
     def settle(self) -> None:
         """Wait until every waiting save is committed or has expired."""

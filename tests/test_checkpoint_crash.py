@@ -1,8 +1,11 @@
-"""Crash safety: SIGKILL a rank or a checkpoint writer at random points during saves.
+"""Crash safety: SIGKILL a rank or a checkpoint writer in every phase of a save.
 
-Ten crash-restart cycles of one run that checkpoints every step: after each kill, `latest`
-must name a complete checkpoint whose every chunk passes its checksum, and the restart must
-resume from exactly that checkpoint.
+Ten crash-restart cycles of one run that checkpoints every step. Each kill is aimed at a
+named phase of a save (a trainer staging, a writer writing chunks, finishing its share,
+committing), confirmed by freezing the process and reading the phase its staging ring
+publishes before the kill lands. After each kill, `latest` must name a complete checkpoint
+whose every chunk passes its checksum, and the restart must resume from exactly that
+checkpoint.
 """
 
 import json
@@ -13,20 +16,25 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from checkpoint.universal import completeness_problem, find_resume_checkpoint
+from checkpoint.engine import CheckpointEngine
+from checkpoint.universal import CheckpointError, completeness_problem, find_resume_checkpoint
+from checkpoint.writer import STAGING, WRITER_PHASE, CreateArrays, FinishStep, Phase
 from tests.conftest import REPO, rank_env, write_tiny_config
 
-TRIALS = 10
+JOB_MARKER = "STALWART_TEST_JOB"
+"""Set in a job's environment, which its ranks and their writers inherit: it tells this job's
+processes from any other run's on the machine."""
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`."""
+def children_of() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -35,26 +43,43 @@ def descendants(pid: int) -> list[tuple[int, str]]:
             except (OSError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below `pid`."""
+    children = children_of()
     found, stack = [], [pid]
     while stack:
         for child in children.get(stack.pop(), []):
-            try:
-                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            found.append((child, cmdline))
+            found.append((child, command_line(child)))
             stack.append(child)
     return found
 
 
-def start_job(config: Path) -> subprocess.Popen:
+def environment(pid: int) -> dict[str, str]:
+    try:
+        raw = (Path("/proc") / str(pid) / "environ").read_bytes()
+    except OSError:  # gone, or another user's
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def start_job(config: Path, marker: str) -> subprocess.Popen:
     """Two ranks of `python -m trainer CONFIG` under torchrun, in their own session, output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     command += ["-m", "trainer", str(config)]
     return subprocess.Popen(
         command,
         cwd=REPO,
-        env=rank_env(2),
+        env={**rank_env(2), JOB_MARKER: marker},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -94,55 +119,149 @@ def crash_config(tmp_path, small_dataset) -> Path:
     )
 
 
-def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(crash_config, tmp_path):
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    rank: int
+    role: str
+    """"trainer" or "writer"."""
+    header: np.ndarray
+    """The int64 header slots of the staging ring shared by this rank's trainer and writer."""
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL a `victim` process while the `watched` process of the same rank is in `phase`."""
+
+    victim: str
+    watched: str
+    phase: str
+    rank: int | None = None
+    """Only this rank's processes (committing is rank 0's writer's work)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.victim} killed while the {self.watched} is {self.phase}"
+
+    def in_phase(self, header: np.ndarray) -> bool:
+        if self.phase == "staging":
+            return int(header[STAGING]) == 1
+        return int(header[WRITER_PHASE]) == Phase[self.phase.upper()]
+
+
+KILLS = [
+    Kill("trainer", "trainer", "staging"),
+    Kill("writer", "writer", "writing"),
+    Kill("trainer", "writer", "writing"),
+    Kill("writer", "writer", "finishing"),
+    Kill("writer", "writer", "committing", rank=0),
+]
+TRIALS = 2 * len(KILLS)
+
+
+def job_processes(job: subprocess.Popen) -> list[Process]:
+    """The trainers and writers of a running job, each with a view of its rank's ring header."""
+    found = []
+    for pid, cmd in descendants(job.pid):
+        if "checkpoint.writer" in cmd:
+            shm = cmd.split("--shm ", 1)[1].split()[0]
+            header = np.memmap(f"/dev/shm/{shm}", dtype=np.int64, mode="r", shape=(8,))
+            trainer = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            rank = int(environment(pid)["RANK"])
+            found += [Process(pid, rank, "writer", header), Process(trainer, rank, "trainer", header)]
+    return found
+
+
+def kill_in_phase(job: subprocess.Popen, kill: Kill, rng: random.Random, timeout: float) -> None:
+    """Poll the rings until `kill.watched` is in its phase, freeze it (and the victim), confirm
+    the phase while nothing can move, then SIGKILL the victim and let the watched one go on."""
+    processes = job_processes(job)
+    ranks = sorted({p.rank for p in processes if kill.rank in (None, p.rank)})
+    assert ranks, f"no process of rank {kill.rank}: {processes}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        rank = rng.choice(ranks)
+        watched, victim = (
+            next(p for p in processes if p.rank == rank and p.role == r) for r in (kill.watched, kill.victim)
+        )
+        if not kill.in_phase(watched.header):
+            time.sleep(0.0002)
+            continue
+        frozen = {watched.pid, victim.pid}
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        if all(_stopped(pid) for pid in frozen) and kill.in_phase(watched.header):
+            os.kill(victim.pid, signal.SIGKILL)
+            for pid in frozen - {victim.pid}:
+                os.kill(pid, signal.SIGCONT)
+            return
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    pytest.fail(f"no chance to kill a {kill.name} within {timeout:.0f} s")
+
+
+def _stopped(pid: int) -> bool:
+    """Wait until a SIGSTOP has taken effect (delivery is asynchronous)."""
+    for _ in range(2000):
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("T", "t"):
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+@pytest.mark.timeout(1800)  # ten runs of a job: a guard against a hang on a loaded machine
+def test_sigkill_in_every_phase_of_a_save_never_exposes_an_incomplete_checkpoint(crash_config, tmp_path):
     rng = random.Random(20261122)
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    kinds = []
+    killed = []
     for trial in range(TRIALS):
+        kill = KILLS[trial % len(KILLS)]
         before = assert_latest_is_complete(ckpt_dir)
-        job = start_job(crash_config)
+        marker = uuid.uuid4().hex
+        job = start_job(crash_config, marker)
         try:
             _wait_for_a_new_commit(ckpt_dir, before, job, timeout=120)
-            time.sleep(rng.uniform(0.0, 1.5))
-            kind = "writer" if trial % 2 == 0 else "rank"
-            victims = [
-                p
-                for p, cmd in descendants(job.pid)
-                if ("checkpoint.writer" in cmd) == (kind == "writer")
-                and ("-m trainer" in cmd or "checkpoint.writer" in cmd)
-            ]
-            assert victims, f"no {kind} process found to kill"
-            os.kill(rng.choice(victims), signal.SIGKILL)
-            kinds.append(kind)
+            time.sleep(rng.uniform(0.0, 1.0))  # a random save, not always the second
+            kill_in_phase(job, kill, rng, timeout=120)
+            killed.append(kill.name)
             try:
                 output, _ = job.communicate(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(job.pid, signal.SIGKILL)
                 pytest.fail(
-                    f"trial {trial}: the job did not stop within 120 s of killing a {kind}:\n"
+                    f"trial {trial}: the job did not stop within 120 s of a {kill.name}:\n"
                     + job.communicate()[0][-4000:]
                 )
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
-        assert job.returncode != 0, "the job must fail when a rank or its writer is killed"
+        assert job.returncode != 0, f"the job must fail when a {kill.victim} is killed"
         if before is not None:
             resumed = re.search(r"resumed from \S+/step_(\d+)", output)
             assert resumed and int(resumed.group(1)) == before, output[-2000:]
-        assert _no_writer_left(timeout=20), "a checkpoint writer outlived its job"
+        assert _none_left(marker, timeout=20), f"a process of the job outlived it after a {kill.name}"
         assert_latest_is_complete(ckpt_dir)  # once the job's last process is gone
-    assert kinds.count("writer") == kinds.count("rank") == TRIALS // 2
+    assert sorted(killed) == sorted(k.name for k in KILLS for _ in range(TRIALS // len(KILLS)))
 
 
-def _no_writer_left(timeout: float) -> bool:
-    """Writers stop once their trainer is gone; none may linger as an orphan."""
+def _none_left(marker: str, timeout: float) -> bool:
+    """Writers stop once their trainer is gone; none of this job's processes may linger as an orphan."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not [pid for pid, cmd in descendants(1) if "checkpoint.writer" in cmd]:
+        if not [pid for pid in _all_pids() if environment(pid).get(JOB_MARKER) == marker]:
             return True
         time.sleep(0.2)
     return False
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
 def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: float) -> None:
@@ -156,10 +275,30 @@ def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: flo
     pytest.fail("no checkpoint was committed in time")
 
 
+def test_a_writer_found_dead_while_staging_is_reported_in_the_same_words_as_anywhere_else(tmp_path):
+    """One failure, one message: the staging thread, check() and a flush all say the same."""
+    engine = CheckpointEngine(1 << 20)
+    try:
+        engine.writer.kill()
+        engine.writer.wait()
+        root = str(tmp_path / "step_000000001")
+        create = CreateArrays(root, "token", [], tp=1, timeout_s=5)
+        finish = FinishStep(root, 1, 0, 1, b"", commit=False, keep=1, keep_every=None, timeout_s=5)
+        engine.stage(create, lambda: iter(()), tp_rank=0, tp=1, finish=finish)  # noticed while staging
+        with pytest.raises(CheckpointError) as noticed:
+            engine.check()
+        assert str(noticed.value) == "the checkpoint writer process died"
+        with pytest.raises(CheckpointError) as again:
+            engine.wait_written(timeout_s=5)
+        assert str(again.value) == str(noticed.value)
+    finally:
+        engine.close()
+
+
 def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_config, tmp_path):
     """Rank 1's writer dies between saves: both ranks stop at the next checkpoint, naming rank 1."""
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    job = start_job(crash_config)
+    job = start_job(crash_config, uuid.uuid4().hex)
     try:
         _wait_for_a_new_commit(ckpt_dir, None, job, timeout=120)
         victim = [pid for pid, cmd in descendants(job.pid) if "checkpoint.writer" in cmd and _rank_of(pid) == 1]
@@ -178,5 +317,4 @@ def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_conf
 
 def _rank_of(writer_pid: int) -> int:
     """The RANK of the trainer that started this writer (writers inherit its environment)."""
-    environ = (Path("/proc") / str(writer_pid) / "environ").read_bytes().split(b"\0")
-    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+    return int(environment(writer_pid)["RANK"])
