@@ -24,8 +24,8 @@ import math
 import os
 import platform
 import queue
-import socket
 import statistics
+import tempfile
 import time
 import traceback
 import warnings
@@ -210,23 +210,24 @@ RankTarget = Callable[[int, int, Any, Callable[[Any], None]], None]
 """target(rank, world_size, payload, report): runs on every rank; report(value) sends value to the parent."""
 
 
-def find_free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+STARTUP_TIMEOUT_S = 300.0
+"""For a rank to start: an interpreter, importing torch, the gloo rendezvous (slow on a loaded machine)."""
 
 
-def _rank_main(rank: int, world: int, port: int, timeout_s: float, target: RankTarget, payload: Any, messages) -> None:
+def _rank_main(
+    rank: int, world: int, rendezvous: str, timeout_s: float, target: RankTarget, payload: Any, messages
+) -> None:
     # One thread per rank: a rank stands for one device, and d ranks must not share cores (module docstring).
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=rendezvous,
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S + timeout_s),
         )
+        messages.put(("ready", rank, None))
         target(rank, world, payload, lambda value: messages.put(("result", rank, value)))
         dist.destroy_process_group()
         messages.put(("done", rank, None))
@@ -240,33 +241,38 @@ def run_on_ranks(
 ) -> None:
     """Run target on `world` fresh gloo ranks; call on_result(rank, value) for each report, in the parent.
 
-    Raises ProfilerError, after killing every rank, if one fails, dies, or all have not finished in timeout_s.
+    Raises ProfilerError, after killing every rank, if one fails or dies, if they have not all
+    started within STARTUP_TIMEOUT_S, or if they have not all finished timeout_s after that.
     """
     context = mp.get_context("spawn")
     messages = context.Queue()
-    port = find_free_port()
-    ranks = [
-        context.Process(target=_rank_main, args=(r, world, port, timeout_s, target, payload, messages), daemon=True)
-        for r in range(world)
-    ]
-    for process in ranks:
-        process.start()
-    try:
-        _collect(ranks, messages, time.monotonic() + timeout_s, on_result)
+    with tempfile.TemporaryDirectory(prefix="stalwart-ranks-") as rendezvous:
+        # A file rendezvous: no port to pick and lose to another process before the ranks bind it.
+        init = f"file://{rendezvous}/store"
+        ranks = [
+            context.Process(target=_rank_main, args=(r, world, init, timeout_s, target, payload, messages), daemon=True)
+            for r in range(world)
+        ]
         for process in ranks:
-            process.join(timeout=10)
-    finally:
-        for process in ranks:
-            if process.is_alive():
-                process.kill()
-                process.join()
+            process.start()
+        try:
+            _collect(ranks, messages, timeout_s, on_result)
+            for process in ranks:
+                process.join(timeout=10)
+        finally:
+            for process in ranks:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
 
 
-def _collect(ranks: list, messages, deadline: float, on_result: Callable[[int, Any], None]) -> None:
-    finished: set[int] = set()
+def _collect(ranks: list, messages, timeout_s: float, on_result: Callable[[int, Any], None]) -> None:
+    """Relay the ranks' reports until every rank is done; the work's deadline starts once all are ready."""
+    started, finished = set(), set()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while len(finished) < len(ranks):
         if time.monotonic() > deadline:
-            raise ProfilerError(f"ranks {sorted(set(range(len(ranks))) - finished)} did not finish in time")
+            raise ProfilerError(_late_ranks(len(ranks), started, finished, timeout_s))
         try:
             kind, rank, value = messages.get(timeout=0.5)
         except queue.Empty:
@@ -276,10 +282,22 @@ def _collect(ranks: list, messages, deadline: float, on_result: Callable[[int, A
             continue
         if kind == "error":
             raise ProfilerError(f"rank {rank} failed:\n{value}")
-        if kind == "done":
+        if kind == "ready":
+            started.add(rank)
+            if len(started) == len(ranks):
+                deadline = time.monotonic() + timeout_s
+        elif kind == "done":
             finished.add(rank)
         else:
             on_result(rank, value)
+
+
+def _late_ranks(world: int, started: set[int], finished: set[int], timeout_s: float) -> str:
+    if len(started) < world:
+        missing = sorted(set(range(world)) - started)
+        return f"ranks {missing} did not start within {STARTUP_TIMEOUT_S:.0f} s"
+    missing = sorted(set(range(world)) - finished)
+    return f"ranks {missing} did not finish within {timeout_s:g} s of every rank starting"
 
 
 # ---------------------------------------------------------------------------------------------

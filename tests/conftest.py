@@ -38,6 +38,23 @@ TINY_CONFIG = {
 }
 
 
+_REPORTS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """report(line): shown in pytest's summary at the end. For figures a reader wants to see
+    (how long the demo took) that must not be asserted on: machine speed is not behaviour."""
+    return _REPORTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTS:
+        terminalreporter.section("stalwart figures (reported, not asserted)")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> str:
     """A real indexed dataset from three stdlib packages, with a 512-token BPE tokenizer."""

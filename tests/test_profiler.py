@@ -124,7 +124,7 @@ def test_profile_arguments():
 # --- real ranks ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(600)  # a guard against a hang: the points' work takes seconds, launches more when loaded
 def test_quick_profile_on_real_ranks_saves_a_profile_that_loads(tmp_path):
     fit_points = [(8, 1), (256, 1), (1024, 1), (2048, 1), (256, 2), (1024, 2), (2048, 2)]
     held_out = [(768, 1), (768, 2)]
@@ -187,7 +187,7 @@ def compare_with_one_rank(rank: int, world: int, payload, report) -> None:
     report(errors)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(600)
 def test_two_rank_ulysses_stack_equals_one_rank():
     results = {}
     run_on_ranks(compare_with_one_rank, 2, None, timeout_s=45, on_result=results.__setitem__)
@@ -209,9 +209,11 @@ def hang_on_rank_zero(rank: int, world: int, payload, report) -> None:
         time.sleep(3600)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(600)  # a guard against a hang, not a speed check: two launches on a loaded machine
 def test_a_failing_or_hanging_rank_stops_every_rank_with_a_clear_error():
     with pytest.raises(ProfilerError, match="rank 1 failed:(.|\n)*no dataset on this node"):
         run_on_ranks(fail_on_rank_one, 2, None, timeout_s=45, on_result=lambda rank, value: None)
-    with pytest.raises(ProfilerError, match=r"ranks \[0\] did not finish in time"):
+    # The 8 s count from the moment both ranks have started (start-up is not what is tested):
+    # rank 1 is done by then, rank 0 is not.
+    with pytest.raises(ProfilerError, match=r"ranks \[0\] did not finish within 8 s of every rank starting"):
         run_on_ranks(hang_on_rank_zero, 2, None, timeout_s=8, on_result=lambda rank, value: None)
