@@ -71,6 +71,9 @@ class Plan:
     method: str
     """How the plan was found: optimal (it meets the bound), mip-*, or greedy."""
     solve_seconds: float = 0.0
+    """Wall seconds until this plan was in hand."""
+    first_plan_seconds: float = 0.0
+    """Wall seconds until the greedy construction had a feasible plan, before the MIP began improving it."""
 
     @property
     def gap(self) -> float:

@@ -116,7 +116,7 @@ def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMod
         f"({cluster.ranks_per_node} per node, {model.tokens_per_rank:,} tokens per rank, profile {model.name})",
         f"step estimate {plan.estimated_time:.3f} s; proven lower bound {plan.lower_bound:.3f} s "
         f"(gap {plan.gap:.1%}); ranks busy {busy:.0%} of the step; {plan.method}, "
-        f"planned in {plan.solve_seconds:.2f} s",
+        f"first plan in {plan.first_plan_seconds:.2f} s, final plan in {plan.solve_seconds:.2f} s",
     ]
     return "\n".join(rows)
 
