@@ -13,6 +13,18 @@ T = TypeVar("T")
 class RankFailed(RuntimeError):
     """Raised on every rank when any rank failed a step that all ranks run together."""
 
+    def __init__(self, message: str, group=None):
+        super().__init__(message)
+        self.group = group
+
+    def wait_for_every_rank(self) -> None:
+        """Return once every rank has reached this point (call it after reporting the error).
+
+        Every rank raises this at the same collective, so all are alive to meet here; without it
+        the first rank to exit makes torchrun stop the others before they have said why.
+        """
+        dist.barrier(group=self.group)
+
 
 def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...] = (Exception,), group=None) -> T:
     """Run `step` on every rank, then raise the first rank's error everywhere if any rank failed.
@@ -30,5 +42,5 @@ def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...
     if failed:
         rank, message = failed[0]
         others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        raise RankFailed(f"{message} [rank {rank}{others}]")
+        raise RankFailed(f"{message} [rank {rank}{others}]", group)
     return result

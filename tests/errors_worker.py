@@ -22,6 +22,7 @@ def main() -> int:
         # One write per line: both ranks share the pipe, and print() may split a line in two writes.
         sys.stdout.write(f"rank {dist.get_rank()} stopped: {e}\n")
         sys.stdout.flush()
+        e.wait_for_every_rank()
         return 2
     return 0
 

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, RankFailed) as e:
         # Said before closing: once one rank exits, torchrun stops the others.
         print(f"stalwart: error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, RankFailed):
+            e.wait_for_every_rank()
         return 2
     except KeyboardInterrupt:
         print(f"stalwart: rank {rank} interrupted", file=sys.stderr, flush=True)
