@@ -4,9 +4,12 @@ megatron-core hard-codes CUDA in a few places: ``torch.cuda.current_device()`` a
 device, ``device="cuda"`` literals, ``tensor.type() == "torch.cuda.FloatTensor"`` checks
 and a CUDA RNG tracker. Rather than patching torch for the whole process, each affected
 megatron module gets its own view of torch (``_CpuTorch``) whose ``cuda`` namespace and
-tensor factories resolve to the CPU; the RNG tracker is re-pointed at the real CPU
-generator so that per-TP-rank streams stay distinct. Nothing here is active when CUDA is
-available, and it refuses megatron-core versions it was not tested against.
+tensor factories resolve to the CPU; the two megatron functions that check
+``type() == "torch.cuda.FloatTensor"`` are replaced by wrappers under their own names that
+let just the tensors being checked answer with CUDA names; the RNG tracker is re-pointed at
+the real CPU generator so that per-TP-rank streams stay distinct. torch itself (``torch.cuda``,
+``torch.Tensor.type``, ...) is never modified. Nothing here is active when CUDA is available,
+and it refuses megatron-core versions it was not tested against.
 """
 
 from __future__ import annotations
@@ -125,34 +128,59 @@ def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bo
     return state.clone() if clone else state
 
 
+def _cuda_type_name(tensor: torch.Tensor):
+    """`tensor.type` for this one tensor, naming its type as megatron expects on a GPU."""
+
+    def type_(*args, **kwargs):
+        name = torch.Tensor.type(tensor, *args, **kwargs)
+        if args or kwargs or name.startswith("torch.cuda."):
+            return name  # a conversion, or already CUDA
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
 @contextlib.contextmanager
-def _cuda_type_names():
-    """Let the distributed optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks pass."""
-    original = torch.Tensor.type
+def _named_as_cuda(tensors: list[torch.Tensor]):
+    """For the duration, `t.type()` of each of `tensors` says `torch.cuda.FloatTensor` etc.
 
-    def type_as_cuda(self, *args, **kwargs):
-        name = original(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(name, str) and not name.startswith("torch.cuda."):
-            return name.replace("torch.", "torch.cuda.", 1)
-        return name
-
-    torch.Tensor.type = type_as_cuda
+    megatron asserts `param.type() == 'torch.cuda.FloatTensor'` where it means "fp32". An
+    instance attribute shadows the `Tensor.type` method for just these tensors, so the class
+    (and every other tensor in the process) keeps torch's own `type` at every moment.
+    """
+    named = {id(t): t for t in tensors}.values()  # a tensor may be listed twice
+    for tensor in named:
+        tensor.type = _cuda_type_name(tensor)
     try:
         yield
     finally:
-        torch.Tensor.type = original
+        for tensor in named:
+            del tensor.type
 
 
-def _wrap_with_cuda_type_names(owner: Any, name: str) -> None:
-    raw = vars(owner)[name]
-    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
-    original = raw.__func__ if kind else raw
+def _build_param_groups_with_cuda_names(original):
+    """megatron's `DistributedOptimizer._build_model_and_main_param_groups` (a classmethod), run
+    with the model parameters it sorts into fp32/fp16 groups by `param.type()` named as CUDA."""
 
-    def wrapped(*args, **kwargs):
-        with _cuda_type_names():
-            return original(*args, **kwargs)
+    def build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, *args, **kwargs):
+        params = [param for group in opt_group_ranges for param in group["params"]]
+        with _named_as_cuda(params):
+            return original(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, *args, **kwargs)
 
-    setattr(owner, name, kind(wrapped) if kind else wrapped)
+    return classmethod(build)
+
+
+def _clip_with_cuda_names(original):
+    """megatron's `clip_grad_by_total_norm_fp32`, run with the gradients it asserts are
+    `torch.cuda.FloatTensor` named as CUDA tensors."""
+
+    def clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        grads = [param.grad for param in parameters if param.grad is not None]
+        with _named_as_cuda(grads):
+            return original(parameters, *args, **kwargs)
+
+    return clip
 
 
 class UntestedMegatronVersion(RuntimeError):
@@ -191,7 +219,11 @@ def install() -> bool:
 
     random._set_cuda_rng_state = _set_cpu_rng_state
     random._get_cuda_rng_state = _get_cpu_rng_state
-    _wrap_with_cuda_type_names(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")
-    _wrap_with_cuda_type_names(optimizer, "clip_grad_by_total_norm_fp32")
+    # Replace the names megatron calls (never a torch attribute): the distributed optimizer's
+    # group builder, and the clip as `optimizer.py` imported it.
+    distopt = distrib_optimizer.DistributedOptimizer
+    build = vars(distopt)["_build_model_and_main_param_groups"].__func__
+    distopt._build_model_and_main_param_groups = _build_param_groups_with_cuda_names(build)
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_with_cuda_names(optimizer.clip_grad_by_total_norm_fp32)
     _installed = True
     return True

@@ -1,9 +1,13 @@
-"""Layout equivalence: the same seed, data and global batch give the same losses on every layout."""
+"""Layout equivalence: the same seed, data and global batch give the same losses (to LOSS_RTOL) on every layout."""
 
 import pytest
 
 from tests.conftest import torchrun, write_tiny_config
 from trainer.metrics import read_metrics
+
+LOSS_RTOL = 1e-6
+"""How far a layout's loss may lie from the single rank's, relative. Measured on this CPU: at most 2e-8
+(reduction order in fp32; the losses are fp32 per micro-batch), so this is 50x headroom, not slack for drift."""
 
 # name -> (world size, overrides); every layout trains the same 5 steps of the tiny model.
 LAYOUTS = {
@@ -35,7 +39,7 @@ def test_layout_matches_single_rank(layout_losses, layout):
     losses = [r["loss"] for r in layout_losses[layout]]
     assert len(losses) == len(reference) == 5
     for step, (got, want) in enumerate(zip(losses, reference, strict=True), start=1):
-        assert abs(got - want) <= 1e-4 * abs(want), f"{layout} step {step}: loss {got} vs {want}"
+        assert abs(got - want) <= LOSS_RTOL * abs(want), f"{layout} step {step}: loss {got} vs {want}"
 
 
 def test_training_moves_the_loss(layout_losses):

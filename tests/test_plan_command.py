@@ -9,7 +9,8 @@ import pytest
 
 from launcher.cli import main
 from parallel.cost_model import load_profile
-from parallel.plan import Cluster, Group, Plan, check_plan
+from parallel.plan import Cluster, Group, Plan, check_plan, group_time
+from parallel.plan_commands import plan_table
 
 
 def test_plan_prints_groups_and_draws_the_chart(tmp_path, capsys):
@@ -20,9 +21,40 @@ def test_plan_prints_groups_and_draws_the_chart(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "<- slowest" in out and "proven lower bound" in out
-    assert "spans" in out or "one" in out
+    rows = _group_rows(out)
+    # The 60,000-token sequence needs a whole node (8 x 8,192 tokens); the largest group comes first.
+    assert rows[0][:3] == ["0-7", "8", "one"] and rows[0][6].startswith("60,000")
+    assert all(row[2] == "one" for row in rows)  # no group of <= 8 aligned ranks crosses an 8-rank node
+    assert sum(int(row[1]) for row in rows) == 16
+    assert sum(int(row[4]) for row in rows) == 61
+    assert sum(int(row[5].replace(",", "")) for row in rows) == 240_000
     assert "homogeneous" in out and "megatron" in out
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _group_rows(out: str) -> list[list[str]]:
+    """The table's group rows, split into columns: ranks, size, nodes, mbs, seqs, tokens, longest..."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("ranks"))
+    end = lines.index("", header)
+    return [line.split() for line in lines[header + 1 : end]]
+
+
+def test_plan_table_rows_give_each_groups_ranks_nodes_and_load():
+    cluster, model = Cluster(16, 4), load_profile("h100-gpt7b")
+    lengths = np.array([60_000, 3_000, 2_000, 500])
+    groups = (Group(0, 8, ((0,),)), Group(8, 4, ((1, 2),)), Group(12, 4, ((3,),)))
+    times = [group_time(g, lengths, model, cluster) for g in groups]
+    plan = Plan(groups, max(times), max(times), "optimal")
+    check_plan(plan, lengths, cluster, model)
+    rows = plan_table(plan, lengths, cluster, model).splitlines()
+    # Columns: ranks, size, nodes (8 ranks span two 4-rank nodes), mbs, seqs, tokens, longest three, time.
+    assert rows[1:5] == [
+        f"0-7            8  spans    1     1    60,000  60,000                {times[0]:8.3f}  <- slowest",
+        f"8-11           4  one      1     2     5,000  3,000, 2,000          {times[1]:8.3f}",
+        f"12-15          4  one      1     1       500  500                   {times[2]:8.3f}",
+        "",
+    ]
 
 
 def test_plan_as_json_is_a_valid_plan(tmp_path, capsys):

@@ -21,6 +21,8 @@ from parallel.workloads import wikipedia_batches
 
 H100 = load_profile("h100-gpt7b")
 FAST = PlannerConfig(time_limit_s=0.3)
+ROUNDING = 1e-9
+"""Relative slack between two step times that may be the same plan summed in a different order."""
 
 
 @st.composite
@@ -43,7 +45,7 @@ def test_every_plan_is_valid(instance):
     check_plan(plan, lengths, cluster, model)  # each sequence once, aligned power-of-two partition, memory
     assert sum(g.size for g in plan.groups) == cluster.ranks
     assert plan.estimated_time == pytest.approx(plan_time(plan.groups, lengths, model, cluster))
-    assert plan.lower_bound <= plan.estimated_time * (1 + 1e-9)
+    assert plan.lower_bound <= plan.estimated_time * (1 + ROUNDING)
     assert 0 <= plan.gap < 1
 
 
@@ -139,6 +141,9 @@ def test_a_mixed_plan_beats_every_single_degree_when_one_sequence_is_long():
     plan = plan_step(lengths, cluster, H100, PlannerConfig())
     sizes = sorted(g.size for g in plan.groups)
     assert sizes[-1] == 8 and sizes[0] == 1
+    # A real margin over every degree (1, 2 and 4 cannot hold the long sequence at all).
+    for degree in cluster.group_sizes():
+        assert plan.estimated_time < 0.95 * homogeneous_time(lengths, cluster, H100, degree), f"degree {degree}"
     assert plan.estimated_time < 0.95 * best_homogeneous(lengths, cluster, H100).estimated_time
 
 
@@ -211,9 +216,10 @@ def test_baselines_score_real_schedules_that_no_plan_beats_the_bound_of(ranks):
         plan = plan_step(lengths, cluster, H100, FAST)
         homogeneous = best_homogeneous(lengths, cluster, H100)
         megatron = megatron_balanced_cp(lengths, cluster, H100)
-        assert static_time >= homogeneous.estimated_time >= plan.lower_bound
-        assert megatron.estimated_time >= plan.lower_bound
-        assert plan.estimated_time < homogeneous.estimated_time
+        assert static_time >= homogeneous.estimated_time >= plan.lower_bound * (1 - ROUNDING)
+        assert megatron.estimated_time >= plan.lower_bound * (1 - ROUNDING)
+        # Never worse; where one degree is best (a single group of 8 here) they are the same plan.
+        assert plan.estimated_time <= homogeneous.estimated_time * (1 + ROUNDING)
 
 
 def test_a_degree_that_cannot_hold_a_sequence_is_never_chosen():
