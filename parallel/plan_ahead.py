@@ -30,8 +30,8 @@ class PlanAhead:
         self._process.start()
         child.close()
         self._pending: set[int] = set()
-        # Wait until the process has lowered its priority and loaded the planner, so that the first
-        # plan is not late by an import and nothing runs at normal priority.
+        # Wait until the process has loaded the planner and lowered its priority, so that the first
+        # plan is not late by an import.
         if not self._conn.poll(120) or self._conn.recv() != "ready":
             self.close()
             raise RuntimeError("the planner process did not start")
@@ -82,8 +82,11 @@ class PlanAhead:
 
 
 def _serve(conn: Connection, cluster: Cluster, model: CostModel, config: PlannerConfig) -> None:
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # The import first, at normal priority and during start-up: under SCHED_IDLE on cores that
+    # training keeps busy, a second of imports could take minutes.
     from parallel.planner import plan_step
+
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     conn.send("ready")
     while True:

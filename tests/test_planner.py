@@ -184,7 +184,7 @@ def test_profiles_load_and_bad_ones_name_the_problem(tmp_path):
         load_profile("no-such-profile")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(900)  # a guard: at idle priority the process gets almost no CPU while other work runs
 def test_plan_ahead_plans_in_an_idle_priority_process():
     cluster = Cluster(8, 8)
     batches = [np.array([9_000, 3_000, 2_000, 700, 300]), np.array([40_000, 100, 100, 5_000])]
@@ -194,11 +194,13 @@ def test_plan_ahead_plans_in_an_idle_priority_process():
             ahead.submit(step, lengths)
         ahead.submit(2, np.array([]))
         for step, lengths in enumerate(batches):
-            plan = ahead.result(step, timeout=60)
+            plan = ahead.result(step, timeout=400)
             check_plan(plan, lengths, cluster, H100)
+            # These small batches' greedy plans are already optimal, so however little of the 0.3 s
+            # the idle process gets, its plan costs what this process's does.
             assert plan.estimated_time == pytest.approx(plan_step(lengths, cluster, H100, FAST).estimated_time)
         with pytest.raises(PlanError, match="empty"):
-            ahead.result(2, timeout=60)
+            ahead.result(2, timeout=400)
         with pytest.raises(PlanError, match="not submitted"):
             ahead.result(7)
         pid = ahead.pid
