@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -130,18 +130,11 @@ class CheckpointEngine:
             self.ring.header[STAGING] = 0
 
     def _stage_piece(self, root: str, piece: Piece, tp_rank: int, tp: int) -> None:
-        chunks = chunk_shape(piece.layout, tp)
-        pairs = [(piece.name, chunks, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
-        padding = padding_region(piece.layout, tp_rank, tp)
-        if padding:
-            pairs.append((piece.name + PADDING_SUFFIX, padding_chunk_shape(piece.layout), padding))
-        for array, chunks, pair in pairs:
-            for global_region, local_region in split_rows(pair, chunks[0]):
-                source = piece.local[local_region]
-                start = self.ring.reserve(4 * source.numel(), self.writer_alive)
-                self.ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
-                region = tuple((s.start, s.stop) for s in global_region)
-                self._send(ChunkWrite(root, array, region, start, tuple(source.shape), chunks))
+        for array, chunks, global_region, source in chunks_of(piece, tp_rank, tp):
+            start = self.ring.reserve(4 * source.numel(), self.writer_alive)
+            self.ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
+            region = tuple((s.start, s.stop) for s in global_region)
+            self._send(ChunkWrite(root, array, region, start, tuple(source.shape), chunks))
 
     def wait_staged(self) -> None:
         """Block until the last stage() has copied everything (called before an optimizer step).
@@ -202,6 +195,19 @@ class CheckpointEngine:
                 self.writer.kill()
         self.replies.close()
         self.ring.close()
+
+
+def chunks_of(piece: Piece, tp_rank: int, tp: int) -> Iterator[tuple[str, tuple[int, ...], tuple, torch.Tensor]]:
+    """(array, its chunk shape, global region, this rank's values) of each chunk of `piece` this
+    rank writes, vocabulary padding included."""
+    chunks = chunk_shape(piece.layout, tp)
+    pairs = [(piece.name, chunks, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
+    padding = padding_region(piece.layout, tp_rank, tp)
+    if padding:
+        pairs.append((piece.name + PADDING_SUFFIX, padding_chunk_shape(piece.layout), padding))
+    for array, chunks, pair in pairs:
+        for global_region, local_region in split_rows(pair, chunks[0]):
+            yield array, chunks, global_region, piece.local[local_region]
 
 
 def _start_writer(ring: StagingRing) -> tuple[subprocess.Popen, Connection, Connection]:

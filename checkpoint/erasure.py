@@ -128,12 +128,16 @@ class Code:
         self._check(sources, self.k, targets, len(targets))
         self._apply(_decode_rows(self._matrix, self.k, tuple(use), tuple(sorted(lost))), sources, targets)
 
+    def threads_for(self, length: int) -> int:
+        """Threads an encode or decode of `length`-byte blocks runs on: ranges of at least 1 MiB."""
+        return min(self.threads, max(1, length // (1 << 20)))
+
     def _apply(self, rows: bytes, sources: list[np.ndarray], targets: list[np.ndarray]) -> None:
         """targets = rows x sources over GF(2^8), split into ranges over `threads` threads."""
         length = sources[0].size
         if length == 0:
             return
-        pieces = min(self.threads, max(1, length // (1 << 20)))
+        pieces = self.threads_for(length)
         cuts = [length * i // pieces // ALIGN * ALIGN for i in range(pieces)] + [length]
         if pieces == 1:
             _isal_matmul(rows, self.k, sources, targets, 0, length)
@@ -158,6 +162,9 @@ class XorCode(Code):
 
     def __init__(self, k: int, threads: int = 1):
         super().__init__(k, 1, threads)
+
+    def threads_for(self, length: int) -> int:
+        return 1  # one ISA-L call, which does not split its work
 
     def encode(self, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
         self._check(data, self.k, parity, 1)

@@ -259,15 +259,22 @@ def _wait_until(condition, timeout_s: float, trainer_pid: int) -> bool:
 def _write_chunk(request: ChunkWrite, ring: np.ndarray, ring_size: int, written: dict) -> None:
     offset = request.ring_start % ring_size
     data = ring[offset : offset + request.nbytes].view(np.float32).reshape(request.shape)
-    index = [start // size for (start, _), size in zip(request.region, request.chunks, strict=True)]
+    key = write_chunk_file(Path(request.root) / request.array, request.region, request.chunks, data)
+    written.setdefault(request.root, {}).setdefault(request.array, []).append(key)
+
+
+def write_chunk_file(array_dir: Path, region, chunks: tuple[int, ...], data: np.ndarray) -> str:
+    """Write and fsync the chunk of an array whose global `region` ((start, stop) per dimension)
+    holds `data`; returns its chunk key."""
+    index = [start // size for (start, _), size in zip(region, chunks, strict=True)]
     chunk_key = "/".join(["c", *map(str, index)])
-    path = Path(request.root) / request.array / chunk_key
+    path = array_dir / chunk_key
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.writelines(encode_chunk(data, request.chunks))
+        f.writelines(encode_chunk(data, chunks))
         f.flush()
         os.fsync(f.fileno())
-    written.setdefault(request.root, {}).setdefault(request.array, []).append(chunk_key)
+    return chunk_key
 
 
 def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> tuple[bytes, bytes]:
