@@ -1,6 +1,8 @@
 """The snapshot daemon: one process per node serving its SnapshotStore over gRPC.
 
 `stalwart daemon CONFIG --job ID --node N --ranks 0,1,...` (or `python -m checkpoint.daemon`).
+In a group (`--peers`), an address with port 0 is not known yet: the daemon fills in its own
+from the port it bound, and learns the others from a SetPeers call before ranks deliver.
 Every call needs the job's id and secret token (see checkpoint/proto/snapshot.proto); the
 standard grpc.health.v1 service answers without them, so that launchers can wait for it.
 """
@@ -25,6 +27,7 @@ from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import (
     GroupPlan,
     Peers,
+    address_port,
     block_chunks,
     block_range,
     chunk_bytes,
@@ -32,7 +35,7 @@ from checkpoint.snapshot_group import (
     rebuild,
     send_share,
 )
-from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore
+from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, StepState
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
 JOB_KEY = "x-stalwart-job"
@@ -116,10 +119,17 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def __init__(self, store: SnapshotStore, max_message_bytes: int, peers: Peers | None = None):
         self.store, self.peers = store, peers
         self.chunk = chunk_bytes(max_message_bytes)
-        self.encode_errors: dict[int, str] = {}
+
+    def _require_addresses(self) -> None:
+        unknown = self.store.group.unknown_peers() if self.store.group else []
+        if unknown:
+            raise SnapshotError(
+                "precondition", f"the addresses of nodes {unknown} are not known yet: tell the group them (SetPeers)"
+            )
 
     @_mapped
     def Reserve(self, request, context):
+        self._require_addresses()  # else this step's blocks could not reach their parity holders
         name = self.store.reserve(request.step, request.rank, request.nbytes)
         return pb.ReserveReply(segment=name, nbytes=request.nbytes)
 
@@ -127,7 +137,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Deliver(self, request, context):
         buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32) for b in request.buffers]
         delivered, expected = self.store.deliver(request.step, request.rank, buffers)
-        if delivered == expected and self.peers is not None:  # the node's share is whole: encode it
+        progress = self.store.encoding(request.step)
+        if delivered == expected and self.peers is not None and progress is not None:  # the share is whole
             step = request.step
             send_share(
                 self.store.group,
@@ -135,7 +146,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
                 step,
                 self.store.share(step),
                 lambda offset, n: self.store.read_share(step, offset, n),
-                lambda s, e: self.encode_errors.__setitem__(s, f"{type(e).__name__}: {e}"),
+                progress,
             )
         return pb.DeliverReply(delivered_ranks=delivered, expected_ranks=expected)
 
@@ -183,6 +194,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Rebuild(self, request, context):
         if self.peers is None:
             raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        self._require_addresses()
         lost = request.node if request.HasField("node") else self.store.node
         if not 0 <= lost < len(self.store.group.peers):
             raise SnapshotError("invalid", f"no node {lost} in a group of {len(self.store.group.peers)}")
@@ -196,6 +208,21 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         else:  # a survivor standing in: serves the lost node's ranks until they restart elsewhere
             self.store.adopt(step, rebuilt.meta, rebuilt.data)
         return pb.RebuildReply(step=step, nbytes=len(rebuilt.data))
+
+    @_mapped
+    def SetPeers(self, request, context):
+        if self.peers is None:
+            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
+        addresses = list(request.peers)
+        if len(addresses) != len(self.store.group.peers):
+            raise SnapshotError(
+                "invalid", f"the group has {len(self.store.group.peers)} daemons, got {len(addresses)} addresses"
+            )
+        for address in addresses:
+            if _port_or_none(address) in (None, 0):
+                raise SnapshotError("invalid", f"{address!r} is not a known host:port (port 0 is not an address)")
+        self.peers.set_addresses(addresses)
+        return pb.SetPeersReply()
 
     @_mapped
     def List(self, request, context):
@@ -239,7 +266,29 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             memory_limit=store.memory_limit,
             expected_ranks=store.expected,
             snapshots=_infos(store),
+            steps=[_step_state(state) for state in store.states()],
+            peers=store.group.peers if store.group else [],
         )
+
+
+def _port_or_none(address: str) -> int | None:
+    try:
+        return address_port(address)
+    except ValueError:
+        return None
+
+
+def _step_state(state: StepState) -> pb.StepState:
+    return pb.StepState(
+        step=state.step,
+        phase=pb.Phase.Value(f"PHASE_{state.phase.upper()}"),
+        reserved_ranks=state.reserved,
+        delivered_ranks=state.delivered,
+        blocks_sent=state.blocks_sent,
+        blocks_to_send=state.blocks_to_send,
+        missing_stripes=state.missing_stripes,
+        encode_error=state.encode_error,
+    )
 
 
 def _slicer(data: bytes):
@@ -257,31 +306,45 @@ def _infos(store: SnapshotStore, include_ready: bool = False) -> list[pb.Snapsho
     ]
 
 
-def serve(
-    config: SnapshotConfig, store: SnapshotStore, token: str, peers: list[str] | None = None
-) -> tuple[grpc.Server, int]:
+def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int]:
     """Start the daemon's gRPC server; returns it and the port it is bound to."""
     limit = config.max_message_mb << 20
-    group = None
-    if peers:
-        metadata = ((JOB_KEY, store.job), ("authorization", f"Bearer {token}"))
-        group = Peers(store.group, metadata, config.deadline_s, limit)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="stalwart-daemon"),
         interceptors=[TokenCheck(store.job, token)],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         maximum_concurrent_rpcs=64,
     )
-    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, limit, group), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise SnapshotError("invalid", f"cannot bind the snapshot daemon to {config.listen}")
+    group = None
+    if store.group is not None:
+        _fill_own_address(store.group, port)
+        metadata = ((JOB_KEY, store.job), ("authorization", f"Bearer {token}"))
+        group = Peers(store.group, metadata, config.deadline_s, limit)
+    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, limit, group), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def _fill_own_address(plan: GroupPlan, port: int) -> None:
+    """A daemon started with its own --peers entry at port 0 is reachable at the port it got."""
+    host, _, own = plan.peers[plan.node].rpartition(":")
+    if own == "0":
+        plan.peers[plan.node] = f"{host}:{port}"
+
+
+def check_peers(node: int, peers: list[str]) -> None:
+    for address in peers:
+        if _port_or_none(address) is None:
+            raise SnapshotError("invalid", f"--peers: {address!r} is not host:port")
+    if not 0 <= node < len(peers):
+        raise SnapshotError("invalid", f"--node {node} is not one of the {len(peers)} daemons of --peers")
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -302,7 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", type=int, default=0, help="this node's index in its group")
     parser.add_argument("--ranks", required=True, help="the job's ranks on this node, e.g. 0-7")
     parser.add_argument(
-        "--peers", help="every daemon of the node group, by node index (host:port,...); erasure-codes across them"
+        "--peers",
+        help="every daemon of the node group, by node index (host:port,...); erasure-codes across them. "
+        "Port 0: not known yet (this daemon's own: the port it binds; the others': given later by SetPeers)",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -318,12 +383,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, token_file = _daemon_config(args.config, args.overrides)
         peers = args.peers.split(",") if args.peers else None
+        if peers:
+            check_peers(args.node, peers)
         # Stop signals are taken by sigwait() below, never by a handler: every thread the
         # server starts inherits this mask, so none of them can swallow a SIGTERM.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         group = GroupPlan(args.node, peers, config.parity) if peers else None
         store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
-        server, port = serve(config, store, read_token(token_file), peers)
+        server, port = serve(config, store, read_token(token_file))
     except ErasureError as e:
         print(f"stalwart daemon: error: --peers: {e}", file=sys.stderr, flush=True)
         return 2

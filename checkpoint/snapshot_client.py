@@ -68,6 +68,10 @@ class SnapshotClient:
     def status(self) -> pb.StatusReply:
         return self._call("Status", pb.StatusRequest())
 
+    def set_peers(self, addresses: list[str]) -> pb.SetPeersReply:
+        """Tell a group's daemon every daemon's address, by node index."""
+        return self._call("SetPeers", pb.SetPeersRequest(peers=addresses))
+
     def verify(self, step: int) -> pb.VerifyReply:
         return self._call("Verify", pb.VerifyRequest(step=step))
 

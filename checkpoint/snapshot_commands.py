@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="snapshot_command", required=True)
     commands.add_parser("status", help="every daemon: reachable, memory, snapshots held")
     commands.add_parser("ls", help="committed snapshots: step, size, ranks, daemons")
+    commands.add_parser("set-peers", help="tell every daemon the group's addresses (--daemons), e.g. a replacement's")
     verify = commands.add_parser("verify", help="re-check every buffer's checksum and recompute the parity")
     verify.add_argument("step", type=int)
     rebuild = commands.add_parser("rebuild", help="rebuild a lost node's share on its replacement (or --on a survivor)")
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             code, result = status(clients)
         elif command == "ls":
             code, result = listing(clients)
+        elif command == "set-peers":
+            code, result = set_peers(clients, args.daemons.split(","))
         elif command == "verify":
             code, result = verify(clients, args.step, args.parity)
         elif command == "rebuild":
@@ -111,6 +114,15 @@ def status(clients: list[SnapshotClient]) -> tuple[int, list[dict]]:
             }
         )
     return (OK if all(r["reachable"] for r in rows) else PROBLEM), rows
+
+
+def set_peers(clients: list[SnapshotClient], addresses: list[str]) -> tuple[int, list[dict]]:
+    """Every reachable daemon learns the group's addresses; an unreachable one is a problem."""
+    rows = []
+    for node, client in enumerate(clients):
+        told = _try(lambda c=client: c.set_peers(addresses)) is not None
+        rows.append({"node": node, "address": addresses[node], "told": told})
+    return (OK if all(r["told"] for r in rows) else PROBLEM), rows
 
 
 def listing(clients: list[SnapshotClient]) -> tuple[int, list[dict]]:

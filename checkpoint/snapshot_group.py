@@ -11,6 +11,9 @@ snapshot before the whole group holds the next.
 A daemon that replaces a lost node (same index, empty) rebuilds that node's share of the
 newest step committed on the survivors: per stripe it fetches k blocks from them and
 decodes its own data block, or recomputes its parity block.
+
+Addresses with port 0 are not known yet: daemons started so bind a free port each, and the
+group learns its addresses afterwards (SetPeers), as survivors learn a replacement's.
 """
 
 from __future__ import annotations
@@ -49,11 +52,38 @@ class GroupPlan:
     def k(self) -> int:
         return len(self.peers) - self.parity
 
+    @property
+    def blocks_to_send(self) -> int:
+        """Data blocks this node streams per step: one to each parity holder of its stripes."""
+        return sum(len(s.parity_nodes) for s in self.data_stripes(self.node))
+
+    def unknown_peers(self) -> list[int]:
+        return [n for n, address in enumerate(self.peers) if address_port(address) == 0]
+
     def data_stripes(self, node: int) -> list[Stripe]:
         return [s for s in self.stripes if node in s.data_nodes]
 
     def parity_stripes(self, node: int) -> list[Stripe]:
         return [s for s in self.stripes if node in s.parity_nodes]
+
+
+def address_port(address: str) -> int:
+    """The port of a host:port address (0: not known yet)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    return int(port)
+
+
+@dataclass
+class Encoding:
+    """How far this daemon has streamed its data blocks of one step to their parity holders
+    (written by the streaming thread, read by Status)."""
+
+    blocks: int
+    sent: int = 0
+    done: bool = False
+    error: str = ""
 
 
 @dataclass
@@ -117,17 +147,36 @@ class Peers:
     """gRPC stubs to the other daemons of the group, with the job's credentials."""
 
     def __init__(self, plan: GroupPlan, metadata, deadline_s: float, max_message_bytes: int):
-        options = [
+        self.plan = plan
+        self.options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # A replaced daemon must be reachable again within a second, not after minutes of backoff.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        self.channels = {n: grpc.insecure_channel(a, options=options) for n, a in enumerate(plan.peers)}
-        self.stubs = {n: pb_grpc.SnapshotDaemonStub(c) for n, c in self.channels.items()}
+        self.channels: dict[int, grpc.Channel] = {}
+        self.stubs: dict[int, pb_grpc.SnapshotDaemonStub] = {}
+        self.lock = threading.Lock()
         self.metadata, self.deadline_s = metadata, deadline_s
         self.chunk = chunk_bytes(max_message_bytes)
+        self.set_addresses(list(plan.peers))
+
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Point the group at `addresses` (by node). A changed address gets a fresh channel and
+        the old one is closed, which ends calls still waiting on a lost daemon."""
+        with self.lock:
+            for node, address in enumerate(addresses):
+                if node in self.channels and self.plan.peers[node] == address:
+                    continue
+                old = self.channels.pop(node, None)
+                self.stubs.pop(node, None)
+                if address_port(address) != 0:
+                    self.channels[node] = grpc.insecure_channel(address, options=self.options)
+                    self.stubs[node] = pb_grpc.SnapshotDaemonStub(self.channels[node])
+                if old is not None:
+                    old.close()
+            self.plan.peers[:] = addresses
 
     def put_block(self, node: int, chunks) -> None:
         self.stubs[node].PutBlock(chunks, timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=True)
@@ -172,8 +221,9 @@ def block_chunks(step: int, stripe: int, source: int, data_reader, size: int, me
         )
 
 
-def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, on_error) -> threading.Thread:
-    """Stream this node's data blocks of `step` to their parity holders, in the background."""
+def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, progress: Encoding) -> threading.Thread:
+    """Stream this node's data blocks of `step` to their parity holders, in the background,
+    counting them in `progress`."""
 
     def run():
         try:
@@ -184,8 +234,11 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, on_
                         step, stripe.index, plan.node, lambda o, n, s=start: reader(s + o, n), size, meta, peers.chunk
                     )
                     peers.put_block(holder, chunks)
+                    progress.sent += 1
         except Exception as e:  # reported by Status and by a prepare that never becomes ready
-            on_error(step, e)
+            progress.error = f"{type(e).__name__}: {e}"
+        finally:
+            progress.done = True
 
     thread = threading.Thread(target=run, name=f"stalwart-encode-{step}", daemon=True)
     thread.start()

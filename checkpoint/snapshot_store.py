@@ -18,7 +18,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from checkpoint.snapshot_group import GroupPlan, ParityBlock, read_range, share_meta
+from checkpoint.snapshot_group import Encoding, GroupPlan, ParityBlock, read_range, share_meta
 
 
 class SnapshotError(Exception):
@@ -52,6 +52,8 @@ class Segment:
 class Step:
     segments: dict[int, Segment] = field(default_factory=dict)
     committed: bool = False
+    encoding: Encoding | None = None
+    """In a group: this node's blocks streaming to the parity holders, once all delivered."""
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +61,20 @@ class Step:
 
     def delivered(self) -> list[int]:
         return sorted(r for r, s in self.segments.items() if s.buffers is not None)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where one step stands on this daemon (Status reports it)."""
+
+    step: int
+    phase: str  # delivering | encoding | awaiting_parity | ready | committed
+    reserved: list[int]
+    delivered: list[int]
+    blocks_sent: int
+    blocks_to_send: int
+    missing_stripes: list[int]
+    encode_error: str
 
 
 class SnapshotStore:
@@ -122,7 +138,17 @@ class SnapshotStore:
             _check_layout(buffers, segment.nbytes, rank)
             _check_checksums(segment, buffers, rank)
             segment.buffers = list(buffers)
-            return len(self.steps[step].delivered()), len(self.expected)
+            entry = self.steps[step]
+            if self.group is not None and entry.delivered() == self.expected:
+                # Set here, under the lock, so that Status never shows the step past encoding
+                # before its blocks have been streamed.
+                entry.encoding = Encoding(self.group.blocks_to_send)
+            return len(entry.delivered()), len(self.expected)
+
+    def encoding(self, step: int) -> Encoding | None:
+        with self.lock:
+            entry = self.steps.get(step)
+            return entry.encoding if entry else None
 
     def commit(self, step: int, prepare: bool = False) -> tuple[list[int], list[int]]:
         """Commit `step` (with `prepare`, only check) once every expected rank delivered and
@@ -241,6 +267,7 @@ class SnapshotStore:
         with self.lock:
             self.parity[step] = parity
             self.steps[step].committed = True
+            self.steps[step].encoding = None  # rebuilt: its blocks are already where they belong
             self._drop_superseded(step)
 
     def adopt(self, step: int, meta: dict, share: bytes) -> None:
@@ -304,6 +331,27 @@ class SnapshotStore:
                 for s, e in sorted(self.steps.items())
                 if e.committed or (include_ready and self._ready(s))
             ]
+
+    def states(self) -> list[StepState]:
+        """Every step held (segments or parity), oldest first."""
+        with self.lock:
+            return [self._state(s) for s in sorted(set(self.steps) | set(self.parity))]
+
+    def _state(self, step: int) -> StepState:
+        entry = self.steps.get(step, Step())
+        delivered, missing = entry.delivered(), self._incomplete_parity(step)
+        encoding = entry.encoding or Encoding(0, done=True)
+        if entry.committed:
+            phase = "committed"
+        elif delivered != self.expected:
+            phase = "delivering"
+        elif not encoding.done:
+            phase = "encoding"
+        else:
+            phase = "awaiting_parity" if missing else "ready"
+        return StepState(
+            step, phase, sorted(entry.segments), delivered, encoding.sent, encoding.blocks, missing, encoding.error
+        )
 
     def _ready(self, step: int) -> bool:
         entry = self.steps.get(step)

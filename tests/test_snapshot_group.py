@@ -2,70 +2,113 @@
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
+import grpc
 import numpy as np
 import pytest
 
+from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import commit_group
+from checkpoint.snapshot_group import GroupPlan
 from tests.conftest import REPO, rank_env
-from tests.test_snapshot_daemon import JOB, Daemon, buffers_of
+from tests.test_snapshot_daemon import Daemon, buffers_of, segments_of, step_state, unique_job, wait_for
 
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+UNKNOWN = "127.0.0.1:0"
+"""A peer's address before it is known: every daemon binds port 0 and prints the port it got."""
 
 
 class Group:
-    """`nodes` daemons, two ranks each (node i holds ranks 2i and 2i+1), with `parity` parity."""
+    """`nodes` daemons, two ranks each (node i holds ranks 2i and 2i+1), with `parity` parity.
+    Each binds port 0; once all have printed their addresses, the group is told them
+    (SetPeers), as a launcher would, and so are the survivors when a replacement starts."""
 
-    def __init__(self, tmp_path, nodes: int, parity: int):
-        self.tmp_path, self.parity = tmp_path, parity
-        self.peers = [f"127.0.0.1:{p}" for p in free_ports(nodes)]
+    def __init__(self, tmp_path, nodes: int, parity: int, settings: list[str] = (), announce: bool = True):
+        self.tmp_path, self.parity, self.settings = tmp_path, parity, list(settings)
+        self.job, self.token_file = unique_job(), tmp_path / "job.token"
+        self.peers = [UNKNOWN] * nodes
         self.daemons = [self._start(n) for n in range(nodes)]
+        for daemon in self.daemons:
+            daemon.address = daemon.printed_address()
+        self.peers = [d.address for d in self.daemons]
+        if announce:
+            self.announce()
 
     def _start(self, node: int) -> Daemon:
-        listen = self.peers[node]
-        return Daemon(
-            self.tmp_path,
-            ranks=f"{2 * node},{2 * node + 1}",
-            extra=["--node", str(node), "--peers", ",".join(self.peers), "--set", f"snapshot.parity={self.parity}"],
-            listen=listen,
-            token_file=self.tmp_path / "job.token",
-        )
+        peers = [*self.peers[:node], UNKNOWN, *self.peers[node + 1 :]]  # its own: the port it will bind
+        extra = ["--node", str(node), "--peers", ",".join(peers), "--set", f"snapshot.parity={self.parity}"]
+        for setting in self.settings:
+            extra += ["--set", setting]
+        ranks = f"{2 * node},{2 * node + 1}"
+        return Daemon(self.tmp_path, ranks=ranks, job=self.job, extra=extra, token_file=self.token_file, wait=False)
+
+    def announce(self) -> None:
+        """Every live daemon learns every daemon's address."""
+        for daemon in self.daemons:
+            if daemon.process.poll() is None:
+                daemon.client().set_peers(self.peers)
+                assert list(daemon.client().status().peers) == self.peers
+
+    def deliver(self, node: int, step: int, size: int) -> None:
+        client = self.daemons[node].client()
+        for rank in (2 * node, 2 * node + 1):
+            client.deliver(step, rank, buffers_of(rank, step, size + 4096 * rank))  # shares of unequal size
 
     def deliver_and_commit(self, step: int, size: int) -> None:
-        for node, daemon in enumerate(self.daemons):
-            client = daemon.client()
-            for rank in (2 * node, 2 * node + 1):
-                client.deliver(step, rank, buffers_of(rank, step, size + 4096 * rank))  # shares of unequal size
+        for node in range(len(self.daemons)):
+            self.deliver(node, step, size)
         commit_group([d.client() for d in self.daemons], step)
+
+    def expect_held(self, node: int, step: int, size: int) -> None:
+        """Node `node` serves its ranks' buffers of `step`, byte-identical, and verifies them."""
+        client = self.daemons[node].client()
+        for rank in (2 * node, 2 * node + 1):
+            expected = {k: v.tobytes() for k, v in buffers_of(rank, step, size + 4096 * rank).items()}
+            assert client.fetch(step, rank) == expected, f"rank {rank} of step {step}"
+        assert client.verify(step).ok
 
     def kill(self, node: int) -> None:
         self.daemons[node].process.send_signal(signal.SIGKILL)
         self.daemons[node].process.wait()
 
-    def replace(self, node: int) -> Daemon:
-        self.daemons[node] = self._start(node)
-        return self.daemons[node]
+    def replace(self, node: int, announce: bool = True) -> Daemon:
+        """A fresh daemon for lost node `node`, at the new port it binds."""
+        daemon = self.daemons[node] = self._start(node)
+        daemon.address = self.peers[node] = daemon.printed_address()
+        if announce:
+            self.announce()
+        return daemon
 
     def stop(self):
         for d in self.daemons:
+            d.process.send_signal(signal.SIGCONT)  # a test that stalled one may have failed
             d.stop()
 
 
+def test_a_group_on_port_0_learns_its_addresses_before_ranks_deliver(tmp_path):
+    group = Group(tmp_path, 4, 1, announce=False)
+    try:
+        client = group.daemons[2].client()
+        assert list(client.status().peers) == [UNKNOWN, UNKNOWN, group.peers[2], UNKNOWN]  # its own is known
+        with pytest.raises(grpc.RpcError) as refused:  # its blocks could not reach their parity holders
+            client.deliver(1, 4, buffers_of(4, 1))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "nodes [0, 1, 3] are not known yet" in refused.value.details()
+        for wrong in (group.peers[:3], [*group.peers[:3], UNKNOWN], [*group.peers[:3], "nohost"]):
+            with pytest.raises(grpc.RpcError) as refused:
+                client.set_peers(wrong)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        group.announce()
+        group.deliver_and_commit(1, 1 << 16)
+        for node in range(4):
+            group.expect_held(node, 1, 1 << 16)
+    finally:
+        group.stop()
+
+
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("nodes,parity", [(4, 1), (6, 2)])
 def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, parity):
     group = Group(tmp_path, nodes, parity)
@@ -80,12 +123,8 @@ def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, pari
                 reply = replacement.client().rebuild()
                 assert reply.step == 2
             for node, daemon in enumerate(group.daemons):
-                client = daemon.client()
-                assert [s.step for s in client.list()] == [2]
-                for rank in (2 * node, 2 * node + 1):
-                    expected = {k: v.tobytes() for k, v in buffers_of(rank, 2, (1 << 18) + 4096 * rank).items()}
-                    assert client.fetch(2, rank) == expected, f"rank {rank} after losing nodes {lost}"
-                assert client.verify(2).ok
+                assert [s.step for s in daemon.client().list()] == [2]
+                group.expect_held(node, 2, 1 << 18)
         group.deliver_and_commit(3, 1 << 18)  # the rebuilt daemons hold parity again
         assert all([s.step for s in d.client().list()] == [3] for d in group.daemons)
     finally:
@@ -97,50 +136,96 @@ def test_a_group_step_is_not_ready_until_every_parity_block_is_in(tmp_path):
     try:
         group.deliver_and_commit(1, 1 << 16)
         clients = [d.client() for d in group.daemons]
-        for rank in (0, 1):  # node 0 delivers; nodes 1-3 do not
-            clients[0].deliver(2, rank, buffers_of(rank, 2))
-        time.sleep(0.5)  # its blocks are sent
+        group.deliver(0, 2, 1 << 16)  # node 0 delivers; nodes 1-3 do not
+        sent = wait_for(
+            lambda: (s := step_state(clients[0], 2)).phase != pb.PHASE_ENCODING and s,
+            "node 0 to stream its blocks of step 2",
+        )
+        assert (sent.blocks_sent, sent.blocks_to_send, sent.encode_error) == (3, 3, "")
+        # Node 0 holds the parity of stripe 0, whose data nodes 1-3 did not deliver.
+        assert sent.phase == pb.PHASE_AWAITING_PARITY and list(sent.missing_stripes) == [0]
         reply = clients[0].commit(2, prepare=True)
-        assert not reply.ready and list(reply.missing_stripes), "node 0 holds parity of nodes that did not deliver"
+        assert not reply.ready and list(reply.missing_stripes) == [0]
         assert not clients[0].commit(2).committed
+        for node in (1, 2, 3):  # each holds node 0's block of its stripe, and nothing else of step 2
+            held = step_state(clients[node], 2)
+            assert (held.phase, list(held.reserved_ranks), list(held.missing_stripes)) == (
+                pb.PHASE_DELIVERING,
+                [],
+                [node],
+            )
         assert list(clients[1].commit(2, prepare=True).missing_ranks) == [2, 3]
         assert all([s.step for s in c.list()] == [1] for c in clients)
     finally:
         group.stop()
 
 
+def node_1_sends_to() -> list[tuple[int, int]]:
+    """(parity holder, stripe) of each block node 1 streams, in its order (4 nodes, parity 1)."""
+    plan = GroupPlan(1, [UNKNOWN] * 4, 1)
+    return [(holder, stripe.index) for stripe in plan.data_stripes(1) for holder in stripe.parity_nodes]
+
+
 def test_a_daemon_killed_while_encoding_loses_no_committed_snapshot(tmp_path):
-    """Node 1 dies while the group encodes step 2: every node's step 1 survives, and node 1's
-    replacement rebuilds its share of step 1 byte-identically."""
-    group = Group(tmp_path, 4, 1)
+    """Node 1 is SIGKILLed while it streams its blocks of step 2 to their parity holders: two
+    of its three are in, the third is under way to a holder that stalls (SIGSTOP), so that
+    the kill lands in that phase by construction, whatever the machine's load. Every survivor
+    keeps step 1, the stalled holder can never complete step 2, node 1's replacement rebuilds
+    step 1 byte-identically, and the group commits again."""
+    # The calls to a stalled or lost peer must outlast this test's waits, not end within them.
+    group = Group(tmp_path, 4, 1, settings=["snapshot.deadline_s=600"])
+    blocks = node_1_sends_to()
+    (first, first_stripe), (stalled, stalled_stripe) = blocks[0], blocks[-1]
     try:
         group.deliver_and_commit(1, 1 << 20)
         clients = [d.client() for d in group.daemons]
-        for node, client in enumerate(clients):
-            for rank in (2 * node, 2 * node + 1):
-                client.deliver(2, rank, buffers_of(rank, 2, 8 << 20))
-            if node == 1:  # its blocks are on their way to the parity holders
-                group.kill(1)
-        time.sleep(1.0)
-        for node, client in enumerate(clients):
-            if node != 1:  # step 2 can never complete: node 1's blocks and parity are gone
-                assert [s.step for s in client.list()] == [1]
-                assert not client.commit(2, prepare=True).ready
+        for node in (0, 2, 3):
+            group.deliver(node, 2, 8 << 20)
+        group.daemons[stalled].process.send_signal(signal.SIGSTOP)
+        try:
+            group.deliver(1, 2, 8 << 20)
+            encoding = wait_for(
+                lambda: (s := step_state(clients[1], 2)).blocks_sent == len(blocks) - 1 and s,
+                f"node 1 to stream its blocks of step 2 but the one to node {stalled}",
+            )
+            assert (encoding.phase, encoding.blocks_to_send, encoding.encode_error) == (pb.PHASE_ENCODING, 3, "")
+            group.kill(1)
+        finally:
+            group.daemons[stalled].process.send_signal(signal.SIGCONT)
+        for node in (0, 2, 3):
+            assert [s.step for s in clients[node].list()] == [1]
+        # Node 1's block for the stalled holder never arrived whole: step 2 can never commit.
+        reply = clients[stalled].commit(2, prepare=True)
+        assert not reply.ready and list(reply.missing_stripes) == [stalled_stripe]
+        # Its first block did: with the others' (the stalled one resumed), that parity is whole.
+        wait_for(
+            lambda: step_state(clients[first], 2).phase == pb.PHASE_READY,
+            f"node {first} to hold the parity of stripe {first_stripe}, node 1's block included",
+        )
         assert group.replace(1).client().rebuild().step == 1
-        for node, daemon in enumerate(group.daemons):
-            client = daemon.client()
-            for rank in (2 * node, 2 * node + 1):
-                expected = {k: v.tobytes() for k, v in buffers_of(rank, 1, (1 << 20) + 4096 * rank).items()}
-                assert client.fetch(1, rank) == expected
+        for node in range(4):
+            group.expect_held(node, 1, 1 << 20)
+        group.deliver_and_commit(3, 1 << 20)
+        assert all([s.step for s in c.list()] == [3] for c in [d.client() for d in group.daemons])
     finally:
         group.stop()
 
 
+@pytest.mark.timeout(900)
 def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
     group = Group(tmp_path, 4, 1)
     try:
         group.deliver_and_commit(1, 1 << 16)
-        base = [sys.executable, "-m", "launcher.cli", "snapshot", "--job", JOB, "--daemons", ",".join(group.peers)]
+        base = [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "snapshot",
+            "--job",
+            group.job,
+            "--daemons",
+            ",".join(group.peers),
+        ]
         base += ["--token-file", str(tmp_path / "job.token")]
 
         def stalwart(*args, json_out=True):
@@ -168,7 +253,7 @@ def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
             for name, value in buffers_of(5, 1, (1 << 16) + 4096 * 5).items():
                 assert saved[name].tobytes() == value.tobytes()
         # A flipped byte in node 2's memory: verify names it and exits 1.
-        segment = next(n for n in os.listdir("/dev/shm") if n.startswith(f"stalwart-{JOB}-n2-s1-r4-"))
+        [segment] = segments_of(group.job, step=1, rank=4)
         flip_byte(f"/dev/shm/{segment}", 100)
         code, rows = stalwart("verify", "1")
         assert code == 1 and any("rank 4" in p and "checksum mismatch" in p for p in rows[0]["problems"]), rows
@@ -176,7 +261,11 @@ def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
         group.kill(3)
         code, rows = stalwart("status")
         assert code == 1 and rows[3] == {"node": 3, "reachable": False}
-        group.replace(3)
+        group.replace(3, announce=False)  # at a new port, which the survivors learn from set-peers
+        base[base.index("--daemons") + 1] = ",".join(group.peers)
+        code, rows = stalwart("set-peers")
+        assert code == 0 and [r["told"] for r in rows] == [True] * 4, rows
+        assert all(list(d.client().status().peers) == group.peers for d in group.daemons)
         code, rows = stalwart("rebuild", "--node", "3")
         assert code == 0 and rows[0]["step"] == 1, rows
         code, rows = stalwart("drop", "1")
@@ -227,19 +316,14 @@ def test_a_crash_between_the_two_commit_phases_still_rebuilds_the_step_some_comm
     try:
         group.deliver_and_commit(1, 1 << 16)
         clients = [d.client() for d in group.daemons]
-        for node, client in enumerate(clients):
-            for rank in (2 * node, 2 * node + 1):
-                client.deliver(2, rank, buffers_of(rank, 2))
-        deadline = time.monotonic() + 30
-        while not all(c.commit(2, prepare=True).ready for c in clients):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        for node in range(4):
+            group.deliver(node, 2, 1 << 16)
+        wait_for(lambda: all(step_state(c, 2).phase == pb.PHASE_READY for c in clients), "step 2 ready everywhere")
         for client in clients[:2]:  # phase two reaches nodes 0 and 1 only
             assert client.commit(2).committed
         group.kill(0)
-        replacement = group.replace(0).client()
-        assert replacement.rebuild().step == 2
-        for rank in (0, 1):
-            assert replacement.fetch(2, rank) == {k: v.tobytes() for k, v in buffers_of(rank, 2).items()}
+        replacement = group.replace(0)
+        assert replacement.client().rebuild().step == 2
+        group.expect_held(0, 2, 1 << 16)
     finally:
         group.stop()

@@ -1,10 +1,26 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PHASE_DELIVERING: _ClassVar[Phase]
+    PHASE_ENCODING: _ClassVar[Phase]
+    PHASE_AWAITING_PARITY: _ClassVar[Phase]
+    PHASE_READY: _ClassVar[Phase]
+    PHASE_COMMITTED: _ClassVar[Phase]
+PHASE_UNSPECIFIED: Phase
+PHASE_DELIVERING: Phase
+PHASE_ENCODING: Phase
+PHASE_AWAITING_PARITY: Phase
+PHASE_READY: Phase
+PHASE_COMMITTED: Phase
 
 class Buffer(_message.Message):
     __slots__ = ("name", "offset", "nbytes", "crc32")
@@ -155,20 +171,54 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots")
+    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots", "steps", "peers")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_RANKS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: int
     memory_used: int
     memory_limit: int
     expected_ranks: _containers.RepeatedScalarFieldContainer[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepState]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepState(_message.Message):
+    __slots__ = ("step", "phase", "reserved_ranks", "delivered_ranks", "blocks_sent", "blocks_to_send", "missing_stripes", "encode_error")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TO_SEND_FIELD_NUMBER: _ClassVar[int]
+    MISSING_STRIPES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    phase: Phase
+    reserved_ranks: _containers.RepeatedScalarFieldContainer[int]
+    delivered_ranks: _containers.RepeatedScalarFieldContainer[int]
+    blocks_sent: int
+    blocks_to_send: int
+    missing_stripes: _containers.RepeatedScalarFieldContainer[int]
+    encode_error: str
+    def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reserved_ranks: _Optional[_Iterable[int]] = ..., delivered_ranks: _Optional[_Iterable[int]] = ..., blocks_sent: _Optional[int] = ..., blocks_to_send: _Optional[int] = ..., missing_stripes: _Optional[_Iterable[int]] = ..., encode_error: _Optional[str] = ...) -> None: ...
+
+class SetPeersRequest(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetPeersReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RebuildRequest(_message.Message):
     __slots__ = ("node",)

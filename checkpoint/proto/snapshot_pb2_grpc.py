@@ -84,6 +84,11 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.FromString,
                 _registered_method=True)
+        self.SetPeers = channel.unary_unary(
+                '/stalwart.snapshot.v1.SnapshotDaemon/SetPeers',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.FromString,
+                _registered_method=True)
         self.PutBlock = channel.stream_unary(
                 '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
@@ -157,7 +162,8 @@ class SnapshotDaemonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The daemon, its snapshots, and where every step it holds stands (see StepState).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -166,6 +172,16 @@ class SnapshotDaemonServicer:
         """Rebuild a lost node's share of the newest snapshot committed on the group's other
         daemons, from their data and parity: this daemon's own (it replaces the lost node), or,
         with `node`, another node's, held here so that its ranks can restart elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPeers(self, request, context):
+        """Every daemon's address in the group, by node index. A group whose daemons bound port 0
+        (started with `--peers` entries of port 0) learns its addresses here before ranks
+        deliver; survivors learn a replacement's new address here. Calls in flight to a
+        changed address fail.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,6 +253,11 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.Rebuild,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.SerializeToString,
+            ),
+            'SetPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeers,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.SerializeToString,
             ),
             'PutBlock': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlock,
@@ -519,6 +540,33 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/Rebuild',
             checkpoint_dot_proto_dot_snapshot__pb2.RebuildRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.RebuildReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/SetPeers',
+            checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.FromString,
             options,
             channel_credentials,
             insecure,
