@@ -225,16 +225,16 @@ def test_sigkill_in_every_phase_of_a_save_never_exposes_an_incomplete_checkpoint
         marker = uuid.uuid4().hex
         job = start_job(crash_config, marker)
         try:
-            _wait_for_a_new_commit(ckpt_dir, before, job, timeout=120)
+            _wait_for_a_new_commit(ckpt_dir, before, job, timeout=600)
             time.sleep(rng.uniform(0.0, 1.0))  # a random save, not always the second
-            kill_in_phase(job, kill, rng, timeout=120)
+            kill_in_phase(job, kill, rng, timeout=600)
             killed.append(kill.name)
             try:
-                output, _ = job.communicate(timeout=120)
+                output, _ = job.communicate(timeout=300)
             except subprocess.TimeoutExpired:
                 os.killpg(job.pid, signal.SIGKILL)
                 pytest.fail(
-                    f"trial {trial}: the job did not stop within 120 s of a {kill.name}:\n"
+                    f"trial {trial}: the job did not stop within 300 s of a {kill.name}:\n"
                     + job.communicate()[0][-4000:]
                 )
         finally:
@@ -245,7 +245,8 @@ def test_sigkill_in_every_phase_of_a_save_never_exposes_an_incomplete_checkpoint
         if before is not None:
             resumed = re.search(r"resumed from \S+/step_(\d+)", output)
             assert resumed and int(resumed.group(1)) == before, output[-2000:]
-        assert _none_left(marker, timeout=20), f"a process of the job outlived it after a {kill.name}"
+        # Orphaned writers run at idle priority: on a busy machine noticing takes a while.
+        assert _none_left(marker, timeout=300), f"a process of the job outlived it after a {kill.name}"
         assert_latest_is_complete(ckpt_dir)  # once the job's last process is gone
     assert sorted(killed) == sorted(k.name for k in KILLS for _ in range(TRIALS // len(KILLS)))
 
@@ -300,11 +301,11 @@ def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_conf
     ckpt_dir = tmp_path / "run" / "checkpoints"
     job = start_job(crash_config, uuid.uuid4().hex)
     try:
-        _wait_for_a_new_commit(ckpt_dir, None, job, timeout=120)
+        _wait_for_a_new_commit(ckpt_dir, None, job, timeout=600)
         victim = [pid for pid, cmd in descendants(job.pid) if "checkpoint.writer" in cmd and _rank_of(pid) == 1]
         assert len(victim) == 1, descendants(job.pid)
         os.kill(victim[0], signal.SIGKILL)
-        output, _ = job.communicate(timeout=120)
+        output, _ = job.communicate(timeout=300)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
