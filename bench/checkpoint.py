@@ -91,33 +91,35 @@ def plain_save(ckpt, root: Path, step: int, run_state: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from checkpoint.engine import chunks_of
+    from checkpoint.layout import chunks_of
+    from checkpoint.state import rng_state
     from checkpoint.universal import commit, create_arrays
-    from checkpoint.writer import FinishStep, _apply_retention, _finish_step, _markers, write_chunk_file
+    from checkpoint.writer import FinishStep, apply_retention, finish_step, rank_markers, write_chunk_file
 
     dims = ckpt.dims
     ckpt._prepare(root, step, run_state)  # rank 0: the root group and state.json
     dist.barrier(ckpt.group)
-    create_arrays(root, ckpt._arrays_this_rank_creates(), dims.tp)
+    create_arrays(root, ckpt.state.arrays_this_rank_creates(), dims.tp)
     written: dict[str, list[str]] = {}
     with torch.no_grad():
-        for piece in ckpt._pieces():
+        for piece in ckpt.state.pieces():
             if piece.writes:
-                for array, chunks, region, values in chunks_of(piece, dims.tp_rank, dims.tp):
+                cut = chunks_of(piece.name, piece.layout, piece.local, dims.tp_rank, dims.tp)
+                for array, chunks, region, values in cut:
                     pairs = tuple((s.start, s.stop) for s in region)
                     key = write_chunk_file(
                         root / array, pairs, chunks, values.detach().to("cpu", torch.float32).numpy()
                     )
                     written.setdefault(array, []).append(key)
-    rng = ckpt._rng_state()
+    rng = rng_state()
     finish = FinishStep(
         str(root), step, dims.rank, dims.world_size, rng, commit=False, keep=1, keep_every=None, timeout_s=60
     )
-    _finish_step(finish, written)  # the RNG file, the directories' fsyncs, this rank's marker
+    finish_step(finish, written)  # the RNG file, the directories' fsyncs, this rank's marker
     dist.barrier(ckpt.group)
     if dims.rank == 0:
-        commit(root.parent, root, _markers(root / "done", dims.world_size), step)
-        _apply_retention(root.parent, ckpt.config.keep, ckpt.config.keep_every)
+        commit(root.parent, root, rank_markers(root / "done", dims.world_size), step)
+        apply_retention(root.parent, ckpt.config.keep, ckpt.config.keep_every)
     dist.barrier(ckpt.group)
 
 
@@ -138,15 +140,14 @@ def save_times(run, plain_dir: Path, repeats: int) -> dict:
     from checkpoint.universal import find_resume_checkpoint, step_dir_name
 
     ckpt, steps = run.checkpointer, itertools.count(run.step + 1000)
-    run_state = {"sampler": run.data.sampler.state_dict()}
 
     def machinery() -> float:
-        step = next(steps)
-        return timed(lambda: ckpt.save(step, run_state))
+        run.run.step = next(steps)  # each save a step of its own
+        return timed(ckpt.save)
 
     def plain() -> float:
-        step = next(steps)
-        return timed(lambda: plain_save(ckpt, plain_dir / step_dir_name(step), step, run_state))
+        run.run.step = step = next(steps)
+        return timed(lambda: plain_save(ckpt, plain_dir / step_dir_name(step), step, run.run.state_dict()))
 
     seconds = medians_alternating({"async_save_waited_s": machinery, "plain_save_s": plain}, repeats)
     if dist.get_rank() == 0:
@@ -179,8 +180,8 @@ def reshard_load_times(tp2, tp1_save, repeats: int) -> dict:
     state, alternating, and the chunk bytes each load decodes."""
     ckpt = tp2.checkpointer
     ckpt.engine.wait_written(60)  # its writer process is up and idle, not importing
-    resumed = ckpt.load(tp1_save)  # the same state, then saved by TP2
-    ckpt.save(tp1_save.step, {"sampler": resumed.state["sampler"]})
+    ckpt.load(tp1_save)  # the same state, then saved by TP2
+    ckpt.save()
     tp2_save = ckpt.find()
     loads = {
         "load_tp1_save_s": lambda: timed(lambda: ckpt.load(tp1_save)),

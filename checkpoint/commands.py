@@ -95,6 +95,8 @@ def inspect_checkpoint(path: Path) -> dict:
 
 def verify_checkpoint(path: Path) -> list[str]:
     """Problems found (empty when sound): manifest, coverage of every chunk exactly once, checksums."""
+    if not path.is_dir():
+        return [f"{path}: no such checkpoint directory"]
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return [f"{path}: no manifest.json (the save did not finish)"]

@@ -35,6 +35,8 @@ class CheckpointConfig:
 
 @dataclass
 class SnapshotConfig:
+    interval: int | None = None
+    """Snapshot into the node daemons every this many steps when daemons run (None: every step; 0: never)."""
     listen: str = "127.0.0.1:50151"
     """host:port this node's snapshot daemon binds to (port 0: any free port, printed at start)."""
     memory_mb: int = 4096
@@ -57,5 +59,7 @@ class SnapshotConfig:
         for key in ("memory_mb", "parity", "keep", "max_message_mb"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"snapshot.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.interval is not None and self.interval < 0:
+            raise ConfigError("snapshot.interval", f"must be >= 0 or null, got {self.interval}")
         if self.deadline_s <= 0:
             raise ConfigError("snapshot.deadline_s", f"must be > 0, got {self.deadline_s}")

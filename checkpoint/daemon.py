@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from checkpoint.config import SnapshotConfig
 from checkpoint.erasure import ErasureError
+from checkpoint.materialize import Materializations, MaterializeJob
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import (
@@ -119,6 +120,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def __init__(self, store: SnapshotStore, max_message_bytes: int, peers: Peers | None = None):
         self.store, self.peers = store, peers
         self.chunk = chunk_bytes(max_message_bytes)
+        self.materializations = Materializations()
 
     def _require_addresses(self) -> None:
         unknown = self.store.group.unknown_peers() if self.store.group else []
@@ -225,6 +227,26 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         return pb.SetPeersReply()
 
     @_mapped
+    def Materialize(self, request, context):
+        if not request.root or request.world_size < 1:
+            raise SnapshotError("invalid", "a checkpoint directory and the job's world size are needed")
+        segments = self.store.pin(request.step)
+        job = MaterializeJob(
+            root=request.root,
+            step=request.step,
+            token=request.writer_token,
+            world_size=request.world_size,
+            keep=max(1, request.keep),
+            keep_every=request.keep_every or None,
+            timeout_s=request.timeout_s or 600.0,
+            segments=[
+                (rank, name, {b.name: (b.offset, b.nbytes) for b in buffers}) for rank, name, buffers in segments
+            ],
+        )
+        self.materializations.start(job, lambda: self.store.unpin(request.step))
+        return pb.MaterializeReply()
+
+    @_mapped
     def List(self, request, context):
         return pb.ListReply(snapshots=_infos(self.store, request.include_ready))
 
@@ -268,6 +290,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             snapshots=_infos(store),
             steps=[_step_state(state) for state in store.states()],
             peers=store.group.peers if store.group else [],
+            materializations=[pb.Materialization(**r) for r in self.materializations.records],
         )
 
 
@@ -306,8 +329,8 @@ def _infos(store: SnapshotStore, include_ready: bool = False) -> list[pb.Snapsho
     ]
 
 
-def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int]:
-    """Start the daemon's gRPC server; returns it and the port it is bound to."""
+def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int, Servicer]:
+    """Start the daemon's gRPC server; returns it, the port it is bound to, and its servicer."""
     limit = config.max_message_mb << 20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="stalwart-daemon"),
@@ -323,13 +346,14 @@ def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grp
         _fill_own_address(store.group, port)
         metadata = ((JOB_KEY, store.job), ("authorization", f"Bearer {token}"))
         group = Peers(store.group, metadata, config.deadline_s, limit)
-    pb_grpc.add_SnapshotDaemonServicer_to_server(Servicer(store, limit, group), server)
+    servicer = Servicer(store, limit, group)
+    pb_grpc.add_SnapshotDaemonServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, port, servicer
 
 
 def _fill_own_address(plan: GroupPlan, port: int) -> None:
@@ -390,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         group = GroupPlan(args.node, peers, config.parity) if peers else None
         store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
-        server, port = serve(config, store, read_token(token_file))
+        server, port, servicer = serve(config, store, read_token(token_file))
     except ErasureError as e:
         print(f"stalwart daemon: error: --peers: {e}", file=sys.stderr, flush=True)
         return 2
@@ -401,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"stalwart daemon: job {args.job} node {args.node} listening on {host}:{port}", flush=True)
     signal.sigwait(STOP_SIGNALS)
     server.stop(grace=2).wait(timeout=5)  # calls in flight get 2 s; the segments are freed regardless
+    servicer.materializations.stop()
     store.close()
     return 0
 

@@ -15,17 +15,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from checkpoint.layout import chunk_shape, padding_chunk_shape, padding_region, split_rows, tp_regions
+from checkpoint.layout import chunks_of
 from checkpoint.state import Piece
-from checkpoint.universal import PADDING_SUFFIX, CheckpointError
+from checkpoint.universal import CheckpointError
 from checkpoint.writer import FREED, HEADER_BYTES, STAGING, ChunkWrite, CreateArrays, FinishStep, Flush, ring_views
 
 
@@ -73,17 +74,115 @@ class StagingRing:
         self.shm.unlink()
 
 
+class Sink(Protocol):
+    """Where a save's pieces go while training goes on: the checkpoint writer's staging ring
+    (RingSink, below) or a snapshot daemon's segment (checkpoint/snapshot_sink.py)."""
+
+    def begin(self) -> None:
+        """Before the first piece."""
+
+    def put(self, piece: Piece) -> None:
+        """Copy one piece out of the training state (the state must not change meanwhile)."""
+
+    def end(self) -> None:
+        """After the last piece: the save is handed over."""
+
+
+class StagingThread:
+    """Copies a save's pieces into a sink in the background, one save at a time.
+
+    The state does not change between one optimizer step and the next, so a save only hands
+    its pieces over, and the loop waits (wait_staged) before the next optimizer step.
+    A failure is kept for take_error(), which every rank calls at the same step, so that it
+    stops all ranks with one message rather than this rank alone in mid-step.
+    """
+
+    def __init__(self, name: str, niceness: int):
+        self.name, self.niceness = name, niceness
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, sink: Sink, pieces: Callable[[], Iterable[Piece]]) -> None:
+        self.wait_staged()
+        self._thread = threading.Thread(target=self._run, args=(sink, pieces), name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self, sink: Sink, pieces) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+        # Collecting the pieces may run collectives (the distributed optimizer's state is
+        # gathered over DP): once the sink fails, the pieces are still drained, so that this
+        # rank's peers, whose sinks may be fine, are not left waiting in a gather forever.
+        failed = None
+        try:
+            with torch.no_grad():
+                failed = _attempt(sink.begin)
+                for piece in pieces():
+                    failed = failed or _attempt(lambda piece=piece: sink.put(piece))
+                failed = failed or _attempt(sink.end)
+        except BaseException as e:  # collecting the state itself failed
+            failed = failed or e
+        self._error = failed
+
+    def wait_staged(self) -> None:
+        """Block until the last save has copied everything (called before an optimizer step)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def take_error(self) -> BaseException | None:
+        self.wait_staged()
+        error, self._error = self._error, None
+        return error
+
+
+def _attempt(call) -> BaseException | None:
+    """The exception `call` raised, if any (kept for take_error)."""
+    try:
+        call()
+    except BaseException as e:
+        return e
+    return None
+
+
+class RingSink:
+    """A checkpoint's share of this rank, cut into chunks, staged in the ring for the writer."""
+
+    def __init__(self, engine: CheckpointEngine, create: CreateArrays, tp_rank: int, tp: int, finish: FinishStep):
+        self.engine, self.create, self.finish = engine, create, finish
+        self.tp_rank, self.tp = tp_rank, tp
+
+    def begin(self) -> None:
+        self.engine.ring.header[STAGING] = 1
+        self.engine.send(self.create)
+
+    def put(self, piece: Piece) -> None:
+        if not piece.writes:
+            return
+        ring = self.engine.ring
+        cut = chunks_of(piece.name, piece.layout, piece.local, self.tp_rank, self.tp)
+        for array, chunks, global_region, source in cut:
+            start = ring.reserve(4 * source.numel(), self.engine.writer_alive)
+            ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
+            region = tuple((s.start, s.stop) for s in global_region)
+            self.engine.send(ChunkWrite(self.create.root, array, region, start, tuple(source.shape), chunks))
+
+    def end(self) -> None:
+        self.engine.send(self.finish)
+        self.engine.ring.header[STAGING] = 0
+
+
 class CheckpointEngine:
     """One per rank: a staging ring, a staging thread, and a writer process."""
 
     def __init__(self, staging_bytes: int):
         self.ring = StagingRing(staging_bytes)
         self.writer, self.requests, self.replies = _start_writer(self.ring)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        # Lowest priority: where every core trains, a checkpoint's copy takes idle time rather
+        # than the training thread's (the copies release the GIL).
+        self.staging = StagingThread("stalwart-ckpt-stage", niceness=19)
         self._flushes = 0
 
-    def _send(self, request) -> None:
+    def send(self, request) -> None:
         try:
             self.requests.send(request)
         except OSError as e:  # the pipe broke: the writer is gone
@@ -105,52 +204,17 @@ class CheckpointEngine:
         The writer gets `create`, then every chunk of `pieces()` as it is copied to the ring,
         then `finish`. A failure is kept for check().
         """
-        self.wait_staged()
-        self._thread = threading.Thread(
-            target=self._stage, args=(create, pieces, tp_rank, tp, finish), name="stalwart-ckpt-stage", daemon=True
-        )
-        self._thread.start()
-
-    def _stage(self, create: CreateArrays, pieces, tp_rank: int, tp: int, finish: FinishStep) -> None:
-        # Lowest priority for this thread alone: where every core trains, the copy takes
-        # idle time rather than the training thread's (the copies release the GIL).
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        root = create.root
-        self.ring.header[STAGING] = 1
-        try:
-            self._send(create)
-            with torch.no_grad():
-                for piece in pieces():
-                    if piece.writes:
-                        self._stage_piece(root, piece, tp_rank, tp)
-            self._send(finish)
-        except BaseException as e:  # surfaced by check()
-            self._error = e
-        finally:
-            self.ring.header[STAGING] = 0
-
-    def _stage_piece(self, root: str, piece: Piece, tp_rank: int, tp: int) -> None:
-        for array, chunks, global_region, source in chunks_of(piece, tp_rank, tp):
-            start = self.ring.reserve(4 * source.numel(), self.writer_alive)
-            self.ring.view(start, tuple(source.shape))[...] = source.detach().to("cpu", torch.float32).numpy()
-            region = tuple((s.start, s.stop) for s in global_region)
-            self._send(ChunkWrite(root, array, region, start, tuple(source.shape), chunks))
+        self.staging.start(RingSink(self, create, tp_rank, tp, finish), pieces)
 
     def wait_staged(self) -> None:
-        """Block until the last stage() has copied everything (called before an optimizer step).
-
-        A failure is kept for check(), which every rank calls at the same step, so that it
-        stops all ranks with one message rather than this rank alone in mid-step.
-        """
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Block until the last stage() has copied everything (called before an optimizer step)."""
+        self.staging.wait_staged()
 
     def check(self) -> None:
         """Raise the failure of an earlier hand-over, in staging or in the writer, if any."""
-        self.wait_staged()
-        if self._error is not None:
-            error, self._error = self._error, None
+        error = self.staging.take_error()
+        if error is not None:
+            self.ring.header[STAGING] = 0
             if isinstance(error, WriterDied):  # one failure, one message, wherever it is noticed
                 raise error
             raise CheckpointError(f"staging the checkpoint failed: {error}") from error
@@ -174,7 +238,7 @@ class CheckpointEngine:
         rank 0's writer has also committed (or given up on) every save it waits for."""
         self.check()
         self._flushes += 1
-        self._send(Flush(self._flushes, commits))
+        self.send(Flush(self._flushes, commits))
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.replies.poll(0.5):
@@ -195,19 +259,6 @@ class CheckpointEngine:
                 self.writer.kill()
         self.replies.close()
         self.ring.close()
-
-
-def chunks_of(piece: Piece, tp_rank: int, tp: int) -> Iterator[tuple[str, tuple[int, ...], tuple, torch.Tensor]]:
-    """(array, its chunk shape, global region, this rank's values) of each chunk of `piece` this
-    rank writes, vocabulary padding included."""
-    chunks = chunk_shape(piece.layout, tp)
-    pairs = [(piece.name, chunks, pair) for pair in tp_regions(piece.layout, tp_rank, tp)]
-    padding = padding_region(piece.layout, tp_rank, tp)
-    if padding:
-        pairs.append((piece.name + PADDING_SUFFIX, padding_chunk_shape(piece.layout), padding))
-    for array, chunks, pair in pairs:
-        for global_region, local_region in split_rows(pair, chunks[0]):
-            yield array, chunks, global_region, piece.local[local_region]
 
 
 def _start_writer(ring: StagingRing) -> tuple[subprocess.Popen, Connection, Connection]:

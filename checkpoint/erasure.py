@@ -72,7 +72,8 @@ def stripes(nodes: int, parity: int) -> list[Stripe]:
 def check_group(nodes: int, parity: int) -> None:
     if parity < 1:
         raise ErasureError(f"parity must be at least 1, not {parity}")
-    if nodes < parity + 2:
+    mirrored = nodes == 2 and parity == 1  # two nodes: XOR parity of one block is a copy of it
+    if nodes < parity + 2 and not mirrored:
         raise ErasureError(f"{nodes} nodes cannot hold {parity} parity blocks per stripe: need at least {parity + 2}")
     if nodes > 255:
         raise ErasureError(f"at most 255 nodes per erasure-coding group, not {nodes}")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 Region = tuple[slice, ...]
 
+PADDING_SUFFIX = ".vocab_padding"
+"""The array holding a vocabulary-sized tensor's padding rows is named after it with this suffix."""
+
 
 @dataclass(frozen=True)
 class TensorLayout:
@@ -69,10 +72,16 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
-def tp_regions(layout: TensorLayout, tp_rank: int, tp: int) -> list[tuple[Region, Region]]:
+def padded_shape(layout: TensorLayout) -> tuple[int, ...]:
+    """The global shape with the vocabulary padding rows (what a model holds over all TP ranks)."""
+    return (layout.padded_rows or layout.shape[0], *layout.shape[1:])
+
+
+def tp_regions(layout: TensorLayout, tp_rank: int, tp: int, padded: bool = False) -> list[tuple[Region, Region]]:
     """(global region, local region) pairs that together make up one TP rank's piece.
 
-    Vocabulary padding rows are left out: they belong to no global region.
+    Vocabulary padding rows are left out (they belong to no global region), unless `padded`:
+    then the global regions index the padded_shape() tensor and cover the whole piece.
     """
     full = tuple(slice(0, n) for n in local_shape(layout, tp))
     if layout.tp_dim is None:
@@ -87,6 +96,8 @@ def tp_regions(layout: TensorLayout, tp_rank: int, tp: int) -> list[tuple[Region
     else:
         size = local_shape(layout, tp)[layout.tp_dim]
         pairs = [(_along(full, layout.tp_dim, tp_rank * size, size), full)]
+    if padded:
+        return pairs
     return [clipped for pair in pairs if (clipped := _clip_rows(pair, layout))]
 
 
@@ -148,3 +159,16 @@ def split_rows(pair: tuple[Region, Region], rows_per_chunk: int) -> list[tuple[R
             ((slice(start, stop), *global_region[1:]), (slice(offset, offset + stop - start), *local_region[1:]))
         )
     return out
+
+
+def chunks_of(name: str, layout: TensorLayout, local, tp_rank: int, tp: int):
+    """(array, its chunk shape, global region, this rank's values) of each chunk of TP rank
+    `tp_rank`'s piece `local` (a tensor or array) of tensor `name`, vocabulary padding included."""
+    chunks = chunk_shape(layout, tp)
+    pairs = [(name, chunks, pair) for pair in tp_regions(layout, tp_rank, tp)]
+    padding = padding_region(layout, tp_rank, tp)
+    if padding:
+        pairs.append((name + PADDING_SUFFIX, padding_chunk_shape(layout), padding))
+    for array, array_chunks, pair in pairs:
+        for global_region, local_region in split_rows(pair, array_chunks[0]):
+            yield array, array_chunks, global_region, local[local_region]

@@ -55,6 +55,19 @@ class SnapshotClient:
             shm.close()
         return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
 
+    def reserve(self, step: int, rank: int, nbytes: int) -> pb.ReserveReply:
+        return self._call("Reserve", pb.ReserveRequest(step=step, rank=rank, nbytes=nbytes))
+
+    def deliver_table(self, step: int, rank: int, table: list[pb.Buffer]) -> pb.DeliverReply:
+        """Report the buffers a rank wrote into the segment reserve() gave it."""
+        return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
+
+    def materialize(self, request: pb.MaterializeRequest) -> pb.MaterializeReply:
+        return self._call("Materialize", request)
+
+    def locate(self, step: int, rank: int) -> pb.LocateReply:
+        return self._call("Locate", pb.FetchRequest(step=step, rank=rank))
+
     def commit(self, step: int, prepare: bool = False) -> pb.CommitReply:
         return self._call("Commit", pb.CommitRequest(step=step, prepare=prepare))
 
@@ -62,8 +75,9 @@ class SnapshotClient:
         """Rebuild this daemon's own share, or hold lost node `node`'s share here."""
         return self._call("Rebuild", pb.RebuildRequest(node=node) if node is not None else pb.RebuildRequest())
 
-    def list(self) -> list[pb.SnapshotInfo]:
-        return list(self._call("List", pb.ListRequest()).snapshots)
+    def list(self, include_ready: bool = False) -> list[pb.SnapshotInfo]:
+        """Committed snapshots (and, with `include_ready`, steps every local rank delivered whole)."""
+        return list(self._call("List", pb.ListRequest(include_ready=include_ready)).snapshots)
 
     def status(self) -> pb.StatusReply:
         return self._call("Status", pb.StatusRequest())

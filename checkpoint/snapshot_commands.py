@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
+import time
 from pathlib import Path
 
 import grpc
@@ -20,15 +22,19 @@ from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
 from checkpoint.snapshot_group import pad_block
 from checkpoint.snapshot_store import SnapshotError
+from checkpoint.universal import step_dir_name
 
 OK, PROBLEM, FAILED = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--job", required=True, help="the job's id")
-    parser.add_argument("--daemons", required=True, help="every daemon of the job, by node index: host:port,...")
-    parser.add_argument("--token-file", required=True, help="the job's token file (mode 0600)")
-    parser.add_argument("--parity", type=int, default=1, help="the group's parity blocks per stripe (for verify)")
+    parser.add_argument(
+        "--run", help="a running job's run directory: job, daemons, token file and parity from its daemons.json"
+    )
+    parser.add_argument("--job", help="the job's id")
+    parser.add_argument("--daemons", help="every daemon of the job, by node index: host:port,...")
+    parser.add_argument("--token-file", help="the job's token file (mode 0600)")
+    parser.add_argument("--parity", type=int, default=None, help="the group's parity blocks per stripe (for verify)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands = parser.add_subparsers(dest="snapshot_command", required=True)
     commands.add_parser("status", help="every daemon: reachable, memory, snapshots held")
@@ -43,12 +49,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fetch.add_argument("step", type=int)
     fetch.add_argument("--rank", type=int, required=True)
     fetch.add_argument("--out", required=True)
+    materialize = commands.add_parser(
+        "materialize", help="write a committed snapshot as a universal checkpoint: OUT/step_<STEP>, then OUT/latest"
+    )
+    materialize.add_argument("step", help="a step, or `latest`: the newest every daemon holds")
+    materialize.add_argument("out", help="a checkpoints directory, e.g. runs/demo/checkpoints")
+    materialize.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every daemon")
     drop = commands.add_parser("drop", help="drop a snapshot on every daemon")
     drop.add_argument("step", type=int)
 
 
+DAEMONS_FILE = "daemons.json"
+"""Written into the run directory by a launcher while its daemons serve (see `--run`)."""
+
+
+def _job_from_run_dir(args: argparse.Namespace) -> None:
+    """Fill --job, --daemons, --token-file and --parity from the run directory's daemons.json."""
+    if args.run:
+        path = Path(args.run) / DAEMONS_FILE
+        try:
+            job = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SnapshotError("invalid", f"{path}: no running job's daemons here ({e})") from e
+        args.job = args.job or job["job"]
+        args.daemons = args.daemons or ",".join(job["daemons"])
+        args.token_file = args.token_file or job["token_file"]
+        args.parity = args.parity if args.parity is not None else job["parity"]
+    missing = [flag for flag, value in (("--job", args.job), ("--daemons", args.daemons)) if not value]
+    if missing or not args.token_file:
+        raise SnapshotError("invalid", f"give --run RUN_DIR, or {', '.join(missing or ['--token-file'])}")
+    args.parity = 1 if args.parity is None else args.parity
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        _job_from_run_dir(args)
         token = read_token(args.token_file)
     except SnapshotError as e:
         print(f"stalwart snapshot: error: {e}")
@@ -73,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             code, result = OK, [{"node": args.node, "held_on": held_on, "step": reply.step, "bytes": reply.nbytes}]
         elif command == "fetch":
             code, result = fetch(clients, args.step, args.rank, Path(args.out))
+        elif command == "materialize":
+            code, result = materialize(clients, args.step, Path(args.out), args.timeout)
         else:
             dropped = [n for n, c in enumerate(clients) if _try(lambda c=c: c.drop(args.step))]
             code, result = (OK if dropped else PROBLEM), [{"step": args.step, "dropped_on": dropped}]
@@ -192,6 +229,60 @@ def fetch(clients: list[SnapshotClient], step: int, rank: int, out: Path) -> tup
             size = sum(len(d) for d in buffers.values())
             return OK, [{"step": step, "rank": rank, "buffers": len(buffers), "bytes": size, "out": str(out)}]
     return PROBLEM, [{"step": step, "rank": rank, "error": "no reachable daemon holds this rank"}]
+
+
+def materialize(clients: list[SnapshotClient], step: str, out: Path, timeout_s: float) -> tuple[int, list[dict]]:
+    """Every daemon writes its share of a committed step under OUT/step_<STEP>; the daemon that
+    holds rank 0 commits it once all are written. Waits for every daemon to finish.
+
+    `latest` takes the newest step every daemon has committed. In a live run a newer commit
+    may drop it before the first daemon pins it: then the then newest is taken (nothing was
+    started); once one daemon has pinned it, the others keep it for snapshot.keep - 1 commits.
+    """
+    for _ in range(3 if step == "latest" else 1):
+        chosen = _newest_common_step(clients) if step == "latest" else int(step)
+        if chosen is None:
+            return PROBLEM, [{"step": step, "error": "no step is committed on every daemon"}]
+        held = [next((s for s in client.list() if s.step == chosen), None) for client in clients]
+        if any(h is None for h in held):
+            missing = [node for node, h in enumerate(held) if h is None]
+            return PROBLEM, [{"step": chosen, "error": f"step {chosen} is not committed on nodes {missing}"}]
+        root = out.resolve() / step_dir_name(chosen)
+        request = pb.MaterializeRequest(
+            step=chosen, root=str(root), writer_token=secrets.token_hex(8), world_size=sum(len(h.ranks) for h in held)
+        )
+        request.keep, request.timeout_s = 1 << 30, timeout_s  # an operator's checkpoint deletes none
+        try:
+            clients[0].materialize(request)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and step == "latest":
+                continue  # dropped by a newer commit before it was pinned: take the newest again
+            raise
+        for client in clients[1:]:
+            client.materialize(request)
+        return _wait_written(clients, chosen, root, request.world_size, timeout_s)
+    return PROBLEM, [{"step": step, "error": "every daemon's newest step was dropped before it could be pinned"}]
+
+
+def _newest_common_step(clients: list[SnapshotClient]) -> int | None:
+    steps = set.intersection(*({s.step for s in client.list()} for client in clients))
+    return max(steps) if steps else None
+
+
+def _wait_written(clients, step: int, root: Path, ranks: int, timeout_s: float) -> tuple[int, list[dict]]:
+    started = time.monotonic()
+    states: list[str] = []
+    while time.monotonic() - started < timeout_s:
+        records = [[m for m in c.status().materializations if m.root == str(root)][-1] for c in clients]
+        states = [m.state for m in records]
+        if "failed" in states:
+            error = next(m.error for m in records if m.state == "failed")
+            return PROBLEM, [{"step": step, "out": str(root), "error": error}]
+        if all(state == "done" for state in states):
+            seconds = round(time.monotonic() - started, 2)
+            return OK, [{"step": step, "out": str(root), "ranks": ranks, "seconds": seconds}]
+        time.sleep(0.05)
+    return PROBLEM, [{"step": step, "out": str(root), "error": f"not written within {timeout_s:.0f} s: {states}"}]
 
 
 def table(rows: list[dict]) -> str:

@@ -94,6 +94,8 @@ class SnapshotStore:
         self.steps: dict[int, Step] = {}
         self.parity: dict[int, dict[int, ParityBlock]] = {}
         """Step -> stripe -> the parity block this daemon holds for the group."""
+        self.pins: dict[int, int] = {}
+        """Step -> readers (checkpoint writes) that need its segments: kept until unpinned."""
         self.lock = threading.Lock()
 
     # -- deliveries ----------------------------------------------------------------------
@@ -182,6 +184,7 @@ class SnapshotStore:
         committed = sorted(s for s, e in self.steps.items() if e.committed)
         doomed = committed[: -self.keep]
         doomed += [s for s, e in self.steps.items() if not e.committed and s < step]  # never to commit
+        doomed = [s for s in doomed if s not in self.pins]  # dropped once unpinned
         for s in doomed:
             for segment in self.steps.pop(s).segments.values():
                 _release(segment)
@@ -363,6 +366,22 @@ class SnapshotStore:
             entry = self.steps.get(step)
             if entry is None or not (entry.committed or self._ready(step)):
                 raise SnapshotError("not_found", f"no whole snapshot of step {step}")
+
+    def pin(self, step: int) -> list[tuple[int, str, list[BufferInfo]]]:
+        """Keep committed `step` until unpin(); (rank, segment name, buffers) of every rank held."""
+        with self.lock:
+            entry = self._committed(step)
+            self.pins[step] = self.pins.get(step, 0) + 1
+            return [(r, seg.shm.name, list(seg.buffers or [])) for r, seg in sorted(entry.segments.items())]
+
+    def unpin(self, step: int) -> None:
+        with self.lock:
+            self.pins[step] -= 1
+            if not self.pins[step]:
+                del self.pins[step]
+                newest = self._newest_committed()
+                if newest is not None:
+                    self._drop_superseded(newest)
 
     def drop(self, step: int) -> bool:
         with self.lock:

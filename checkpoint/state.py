@@ -3,21 +3,27 @@
 One path for checkpoints and snapshots: model weights and every optimizer state (read
 from the optimizer, not assumed to be Adam's) become `Piece`s - a rank's full TP piece
 of one logical tensor plus the `TensorLayout` that places it. The same layouts place the
-pieces of any other layout on load.
+pieces of any other layout on load, and place the weights a fresh model draws
+(trainer/model.py): parameter names and tensor-parallel slicing are decided here and in
+checkpoint/layout.py only. `RankState` bundles a rank's pieces with its RNG streams and
+the run's own state (step, sampler), saved and restored by one object.
 """
 
 from __future__ import annotations
 
+import io
+import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from checkpoint.layout import TensorLayout
 from parallel.dims import ParallelDims
-from trainer.model import global_param_name
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -46,6 +52,15 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def global_param_name(module: torch.nn.Module, local_name: str) -> str:
+    """`decoder.layers.<i>...` with i the layer's index in the whole model, not in this stage."""
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        layer = module.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+    return ".".join(parts)
 
 
 def param_layout(name: str, param: torch.Tensor, tp: int, vocab_size: int) -> TensorLayout:
@@ -81,6 +96,109 @@ def is_writer(name: str, layout: TensorLayout, dims: ParallelDims) -> bool:
 
 def model_pieces(params: list[ModelParam], dims: ParallelDims) -> list[Piece]:
     return [Piece(f"model/{p.name}", p.layout, p.param.detach(), is_writer(p.name, p.layout, dims)) for p in params]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RankState:
+    """Everything one rank saves and restores, collected once for checkpoints and snapshots.
+
+    Its pieces of the model and of the optimizer (with the layouts that place them), its RNG
+    streams, and `run`: the run's own state (step, sampler, tokens consumed), an object
+    that saves and restores itself.
+    """
+
+    def __init__(self, model_chunks: list, optimizer, dims: ParallelDims, vocab_size: int, run: Stateful):
+        self.optimizer, self.dims, self.run = optimizer, dims, run
+        self.params: list[ModelParam] = model_params(model_chunks, dims.tp, vocab_size)
+
+    def pieces(self) -> Iterator[Piece]:
+        """Model weights, then main weights and optimizer states (gathered over DP with the
+        distributed optimizer, so that each piece is a whole TP piece)."""
+        yield from model_pieces(self.params, self.dims)
+        yield from optimizer_pieces(self.optimizer, self.params, self.dims)
+
+    def piece_layouts(self) -> list[tuple[str, TensorLayout]]:
+        """The name and layout of every piece pieces() yields, without collecting them."""
+        keys = optimizer_state_keys(self.optimizer)
+        model = [(f"model/{p.name}", p.layout) for p in self.params]
+        return model + [(f"optim/{key}/{p.name}", p.layout) for key in keys for p in self.params]
+
+    def piece_bytes(self) -> list[tuple[str, int]]:
+        """(name, float32 bytes) of every piece pieces() yields, without collecting them."""
+        keys = optimizer_state_keys(self.optimizer)
+        model = [(f"model/{p.name}", 4 * p.param.numel()) for p in self.params]
+        return model + [(f"optim/{key}/{p.name}", 4 * p.param.numel()) for key in keys for p in self.params]
+
+    def names_this_rank_writes(self) -> list[str]:
+        """The pieces whose chunks this rank writes in a checkpoint (Piece.writes)."""
+        keys = optimizer_state_keys(self.optimizer)
+        written = [p for p in self.params if is_writer(p.name, p.layout, self.dims)]
+        return [f"model/{p.name}" for p in written] + [f"optim/{key}/{p.name}" for key in keys for p in written]
+
+    def arrays_this_rank_creates(self) -> list[tuple[str, TensorLayout]]:
+        """Model and optimizer tensors whose first writer is this rank."""
+        keys = optimizer_state_keys(self.optimizer)
+        tensors = []
+        for p in self.params:
+            if is_writer(p.name, p.layout, self.dims) and self.dims.tp_rank == 0:
+                tensors += [(f"model/{p.name}", p.layout), *((f"optim/{key}/{p.name}", p.layout) for key in keys)]
+        return tensors
+
+    def layout(self) -> dict:
+        d = self.dims
+        return {
+            "tp": d.tp,
+            "pp": d.pp,
+            "vpp": d.vpp,
+            "dp": d.dp,
+            "sp": d.sp,
+            "distributed_optimizer": d.distributed_optimizer,
+            "world_size": d.world_size,
+        }
+
+    @torch.no_grad()
+    def load(self, reader, step: int, run_state: dict, rng: bytes | None) -> None:
+        """Fill model, optimizer, run state and (when given: same layout only) RNG streams from
+        `reader`, whatever layout saved it."""
+        model = [(f"model/{p.name}", p.layout, p.param) for p in self.params]
+        reader.read_many(model, self.dims.tp_rank, self.dims.tp)
+        load_optimizer_state(self.optimizer, self.params, reader, self.dims, step)
+        self.run.load_state_dict(run_state)
+        if rng is not None:
+            restore_rng(rng)
+
+
+def rng_state() -> bytes:
+    """Every RNG stream of this process: Python, NumPy, torch (CPU, CUDA) and megatron's tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    buffer = io.BytesIO()
+    torch.save(states, buffer)
+    return buffer.getvalue()
+
+
+def restore_rng(blob: bytes) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = torch.load(io.BytesIO(blob), weights_only=False)
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from checkpoint.layout import (
+    PADDING_SUFFIX,
     TensorLayout,
     chunk_shape,
     padding_chunk_shape,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # the writer process imports this module and needs no torch
 
 FORMAT = "stalwart-universal"
 VERSION = 1
-PADDING_SUFFIX = ".vocab_padding"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 

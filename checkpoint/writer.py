@@ -139,7 +139,7 @@ def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connecti
                 header[FREED] = request.ring_start + request.nbytes
             elif isinstance(request, FinishStep):
                 header[WRITER_PHASE] = Phase.FINISHING
-                _finish_step(request, written.pop(request.root, {}))
+                finish_step(request, written.pop(request.root, {}))
                 header[WRITER_PHASE] = Phase.IDLE
                 if request.commit:
                     commits.add(request)
@@ -188,7 +188,7 @@ class PendingCommits:
             return
         while self.waiting:
             request, deadline = self.waiting[0]
-            reports = _markers(Path(request.root) / "done", request.world_size)
+            reports = rank_markers(Path(request.root) / "done", request.world_size)
             if reports is None and now < deadline:
                 return
             self.waiting.pop(0)
@@ -199,7 +199,7 @@ class PendingCommits:
         root = Path(request.root)
         phase, self.header[WRITER_PHASE] = int(self.header[WRITER_PHASE]), Phase.COMMITTING
         commit(root.parent, root, reports, request.step)
-        _apply_retention(root.parent, request.keep, request.keep_every)
+        apply_retention(root.parent, request.keep, request.keep_every)
         self.header[WRITER_PHASE] = phase
 
     def settle(self) -> None:
@@ -210,7 +210,7 @@ class PendingCommits:
                 time.sleep(0.005)
 
 
-def _markers(directory: Path, world_size: int) -> list | None:
+def rank_markers(directory: Path, world_size: int) -> list | None:
     """Every rank's marker in `directory`, or None while one is missing."""
     paths = [directory / f"rank_{rank:05d}.json" for rank in range(world_size)]
     if not all(p.is_file() for p in paths):
@@ -227,12 +227,12 @@ def _next_request(requests: Connection):
 
 def _create_arrays(request: CreateArrays, trainer_pid: int) -> None:
     root = Path(request.root)
-    _wait_for_root(root, request.token, request.timeout_s, trainer_pid)
+    wait_for_root(root, request.token, request.timeout_s, trainer_pid)
     tensors = [(name, TensorLayout.from_attrs(attrs)) for name, attrs in request.tensors]
     create_arrays(root, tensors, request.tp)
 
 
-def _wait_for_root(root: Path, token: str, timeout_s: float, trainer_pid: int) -> None:
+def wait_for_root(root: Path, token: str, timeout_s: float, trainer_pid: int) -> None:
     """Rank 0's trainer creates the root group before any rank hands a save over (shared
     file systems may show it late); a leftover from an earlier attempt has another token."""
 
@@ -292,7 +292,7 @@ def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> tuple[bytes,
     return raw, np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
 
 
-def _finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
+def finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:
     root = Path(request.root)
     _fsync_new_directories(root, report)
     (root / "rng").mkdir(exist_ok=True)
@@ -316,7 +316,7 @@ def _fsync_new_directories(root: Path, report: dict[str, list[str]]) -> None:
         fsync_file(directory)
 
 
-def _apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
+def apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
     complete = [step for step, _ in complete_checkpoints(ckpt_dir)]
     if not complete:
         return
@@ -326,6 +326,9 @@ def _apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
     doomed += [step for step, _ in step_dirs(ckpt_dir) if step < max(complete) and step not in complete]
     for step in doomed:
         shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+    for marker in ckpt_dir.glob(".step_*.failed"):  # of abandoned writes (checkpoint/materialize.py)
+        if int(marker.name.split(".")[1].removeprefix("step_")) < max(complete):
+            marker.unlink(missing_ok=True)
 
 
 def main() -> None:

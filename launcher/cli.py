@@ -23,8 +23,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     nproc = args.nproc or config.parallel.tp * config.parallel.pp * (config.parallel.dp or 1)
     config.validate(world_size=nproc)
+    if args.nodes < 1 or nproc % args.nodes:
+        raise ConfigError("--nodes", f"{args.nodes} emulated nodes must be >= 1 and divide the {nproc} ranks")
+    if args.nodes > 1 and args.nodes <= config.snapshot.parity:
+        raise ConfigError("snapshot.parity", f"{config.snapshot.parity} needs more than {args.nodes} nodes")
     prepare_missing_dataset(config)
-    return launch_local(args.config, args.overrides, nproc)
+    return launch_local(config, args.config, args.overrides, nproc, args.nodes)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -45,9 +49,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing(path: str, what: str) -> int | None:
+    """Exit code 2 with one line when an operator names a path that is not there."""
+    if Path(path).is_dir():
+        return None
+    print(f"stalwart: error: {path}: no such {what}", file=sys.stderr)
+    return 2
+
+
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     from checkpoint.commands import list_checkpoints
 
+    if (code := _missing(args.run_dir, "run or checkpoints directory")) is not None:
+        return code
     rows = list_checkpoints(Path(args.run_dir))
     if args.json:
         print(json.dumps([vars(r) for r in rows], indent=1))
@@ -62,6 +76,8 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from checkpoint.commands import inspect_checkpoint, layout_text
 
+    if (code := _missing(args.path, "checkpoint directory")) is not None:
+        return code
     info = inspect_checkpoint(Path(args.path))
     if args.json:
         print(json.dumps(info, indent=1))
@@ -100,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train from a YAML config on this machine (torchrun)")
     run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("--nproc", type=int, default=None, help="ranks to start (default: tp x pp x dp from the config)")
+    run.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="emulated nodes: one snapshot daemon each, with an equal share of the ranks, erasure-coding "
+        "across each other (default 1)",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -165,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_megatron_fallback_warnings()
-    from trainer.data import DataError
+    from trainer.errors import DataError
 
     try:
         return args.func(args)

@@ -1,14 +1,25 @@
-"""Launching on one machine: torchrun with N ranks."""
+"""Launching on one machine: N ranks, started, watched and stopped together."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.data import DataError, prepare_dataset
+from trainer.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CRASHED,
+    EXIT_GAVE_UP,
+    EXIT_OK,
+    EXIT_REQUEUE,
+    DataError,
+)
 
 
 def dataset_exists(prefix: str) -> bool:
@@ -26,6 +37,8 @@ def prepare_missing_dataset(config: Config) -> None:
         )
     Path(config.data.path).parent.mkdir(parents=True, exist_ok=True)
     print(f"stalwart: preparing dataset {config.data.path} from {', '.join(config.data.sources)}", flush=True)
+    from trainer.data import prepare_dataset
+
     prepare_dataset(
         config.data.sources,
         config.data.path,
@@ -41,19 +54,339 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def torchrun_command(config_path: str, overrides: list[str], nproc: int) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "trainer", config_path]
+def rank_command(config_path: str, overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "trainer", config_path]
     for assignment in overrides:
         command += ["--set", assignment]
     return command
 
 
-def launch_local(config_path: str, overrides: list[str], nproc: int) -> int:
+def job_exit_code(codes: list[int]) -> int:
+    """One exit code for the job from its ranks' (a pure decision, see trainer/errors.py).
+
+    A rank killed by a signal (negative code) or crashed makes the job crashed; otherwise the
+    ranks agree (they stop together), and a bad-input error wins over a stop.
+    """
+    if all(code == EXIT_OK for code in codes):
+        return EXIT_OK
+    if any(code < 0 or code not in KNOWN_EXITS for code in codes):
+        return EXIT_CRASHED
+    for code in (EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_CRASHED, EXIT_REQUEUE):
+        if code in codes:
+            return code
+    return EXIT_CRASHED
+
+
+KNOWN_EXITS = {EXIT_OK, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_REQUEUE}
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals the launcher passes on to every rank (a scheduler signals the launcher, not the ranks)."""
+
+PEER_EXIT_GRACE_S = 5.0
+"""After one rank ends badly, how long the others get to end on their own (ranks that agreed on
+an error print it and exit together) before they are killed: one that waits in a collective
+for a dead peer would otherwise wait for the whole process-group timeout."""
+
+
+class LocalRanks:
+    """The ranks of one attempt of a run on this machine: started together, watched, and
+    stopped together. The rendezvous store lives here, on a port the system picked, so that
+    nothing can take the port between choosing and binding it."""
+
+    def __init__(self, command: list[str], nproc: int, env: list[dict]):
+        from torch.distributed import TCPStore
+
+        self.store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+        self.processes = [
+            subprocess.Popen(
+                command, env=self._env(env[rank], rank, nproc), preexec_fn=_die_with_launcher(signal.SIGKILL)
+            )
+            for rank in range(nproc)
+        ]
+
+    def _env(self, env: dict, rank: int, nproc: int) -> dict:
+        return {
+            **env,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(self.store.port),
+            # The ranks join this process's store rather than rank 0 starting one.
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+        }
+
+    def signal(self, signum: int) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    def wait(self) -> list[int]:
+        """Every rank's exit code; once one ends badly, the rest get PEER_EXIT_GRACE_S, then SIGKILL."""
+        deadline = None
+        while any(p.poll() is None for p in self.processes):
+            bad = [p for p in self.processes if p.poll() not in (None, EXIT_OK)]
+            if bad and deadline is None:
+                deadline = time.monotonic() + PEER_EXIT_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                self.signal(signal.SIGKILL)
+            time.sleep(0.05)
+        return [p.returncode for p in self.processes]
+
+
+def _die_with_launcher(signum: int):
+    """For Popen's preexec_fn: the child gets `signum` when the launcher dies, even by SIGKILL,
+    so that no rank or daemon outlives it (Linux's parent-death signal, kept across exec)."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
+
+    return arm
+
+
+PR_SET_PDEATHSIG = 1
+
+
+class LocalDaemons:
+    """One snapshot daemon per emulated node of this machine, each with its own address and its
+    share of the ranks, erasure-coding across each other: started before the ranks, stopped
+    after them, also when the run fails."""
+
+    START_TIMEOUT_S = 120.0
+
+    def __init__(
+        self,
+        config_path: str,
+        overrides: list[str],
+        run_dir: Path,
+        nodes: int,
+        nproc: int,
+        parity: int,
+        job: str | None = None,
+    ):
+        """`job`: the job these daemons continue (its token stays); None starts a new job."""
+        from checkpoint.daemon import write_token
+        from checkpoint.snapshot_commands import DAEMONS_FILE
+        from checkpoint.snapshotter import Daemons
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        token_file = run_dir / "snapshot.token"
+        if job is None:
+            write_token(token_file)  # a fresh secret for every job
+            job = f"{run_dir.resolve().name}-{os.getpid()}"
+        self.config_path, self.overrides, self.run_dir, self.parity = config_path, overrides, run_dir, parity
+        per_node = nproc // nodes
+        self.processes: list[subprocess.Popen] = []
+        self.record: Path | None = None
+        try:
+            for node in range(nodes):
+                self.processes.append(self._start(config_path, overrides, job, node, per_node, nodes))
+            addresses = [self._address(node, process) for node, process in enumerate(self.processes)]
+        except BaseException:
+            self.stop()
+            raise
+        self.daemons = Daemons(job, addresses, 0, str(token_file))
+        self.per_node = per_node
+        if nodes > 1:
+            self._tell_peers(addresses)
+        # For operators: `stalwart snapshot --run RUN_DIR status` finds the job from here.
+        self.record = run_dir / DAEMONS_FILE
+        about = {"job": job, "daemons": addresses, "token_file": str(token_file.resolve()), "parity": parity}
+        self.record.write_text(json.dumps(about, indent=1))
+
+    def _start(self, config_path, overrides, job, node, per_node, nodes) -> subprocess.Popen:
+        ranks = f"{node * per_node}-{(node + 1) * per_node - 1}"
+        command = [sys.executable, "-m", "checkpoint.daemon", config_path, "--job", job, "--node", str(node)]
+        command += ["--ranks", ranks, "--set", "snapshot.listen=127.0.0.1:0"]
+        if nodes > 1:
+            command += ["--peers", ",".join(["127.0.0.1:0"] * nodes)]
+        for assignment in overrides:
+            command += ["--set", assignment]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        # SIGTERM, not SIGKILL: a daemon that stops frees its shared-memory segments.
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_launcher(signal.SIGTERM)
+        )
+
+    def _address(self, node: int, process: subprocess.Popen) -> str:
+        """The address a daemon bound, from the line it prints once it serves."""
+        line = process.stdout.readline()  # the daemon prints it, or exits (end of file)
+        if "listening on" not in line:
+            process.wait(timeout=self.START_TIMEOUT_S)
+            raise DaemonStartFailed(
+                f"the snapshot daemon of node {node} did not start (exit code {process.returncode})"
+            )
+        return line.split("listening on", 1)[1].strip()
+
+    def _tell_peers(self, addresses: list[str]) -> None:
+        from checkpoint.daemon import read_token
+        from checkpoint.snapshot_client import SnapshotClient
+
+        token = read_token(self.daemons.token_file)
+        for address in addresses:
+            client = SnapshotClient(address, self.daemons.job, token)
+            client.set_peers(addresses)
+            client.close()
+
+    def env(self, rank: int) -> dict[str, str]:
+        return self.daemons.env(rank // self.per_node)
+
+    def dead_nodes(self) -> list[int]:
+        """Nodes whose daemon is gone: with it, the node's snapshots (its share survives as parity)."""
+        return [node for node, process in enumerate(self.processes) if process.poll() is not None]
+
+    def without(self, lost: list[int]) -> tuple[LocalDaemons, dict[str, str]]:
+        """After losing `lost`: a fresh group on the surviving nodes (same job and token), and
+        what the ranks need to restore the newest snapshot from the survivors of this group,
+        with the lost nodes' shares rebuilt from parity onto one of them. When more nodes are
+        lost than the parity covers, the new ranks find no snapshot and resume from disk."""
+        from checkpoint.daemon import read_token
+        from checkpoint.snapshot_client import SnapshotClient
+        from checkpoint.snapshotter import RESTORE_FROM, RESTORE_STEP
+
+        survivors = [n for n in range(len(self.processes)) if n not in lost]
+        restore: dict[str, str] = {}
+        if survivors and len(lost) <= self.parity:
+            d = self.daemons
+            holder = SnapshotClient(d.addresses[survivors[0]], d.job, read_token(d.token_file), deadline_s=600)
+            try:
+                steps = [holder.rebuild(node).step for node in lost]
+            finally:
+                holder.close()
+            restore = {RESTORE_FROM: ",".join(d.addresses[n] for n in survivors), RESTORE_STEP: str(steps[-1])}
+            print(
+                f"stalwart: node(s) {lost} lost; their share of step {steps[-1]} rebuilt from parity on node "
+                f"{survivors[0]}; continuing on {len(survivors)} node(s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(
+                f"stalwart: node(s) {lost} lost, more than snapshot.parity covers: resuming from disk", file=sys.stderr
+            )
+        nproc = len(survivors) * self.per_node
+        group = LocalDaemons(
+            self.config_path, self.overrides, self.run_dir, len(survivors), nproc, self.parity, job=self.daemons.job
+        )
+        return group, restore
+
+    def newest_step(self) -> int | None:
+        """The newest snapshot step the daemons hold whole (what a restart would continue from)."""
+        from checkpoint.daemon import read_token
+        from checkpoint.snapshot_client import SnapshotClient
+
+        token = read_token(self.daemons.token_file)
+        steps = None
+        for address in self.daemons.addresses:
+            client = SnapshotClient(address, self.daemons.job, token, deadline_s=10)
+            try:
+                held = {s.step for s in client.list(include_ready=True)}
+            except Exception:  # a daemon that is gone holds nothing
+                held = set()
+            finally:
+                client.close()
+            steps = held if steps is None else steps & held
+        return max(steps) if steps else None
+
+    def stop(self) -> None:
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class DaemonStartFailed(RuntimeError):
+    pass
+
+
+def should_restart(code: int, steps_at_crashes: list[int | None], max_restarts: int) -> bool:
+    """Restart after a crash unless the run crashed more than `max_restarts` times in a row
+    without getting past the step it restarts from (a crash loop: a restart would crash alike)."""
+    if code != EXIT_CRASHED:
+        return False
+    last = steps_at_crashes[-1]
+    in_a_row = 0
+    for step in reversed(steps_at_crashes):
+        if step != last:
+            break
+        in_a_row += 1
+    return in_a_row <= max_restarts
+
+
+def launch_local(config: Config, config_path: str, overrides: list[str], nproc: int, nodes: int = 1) -> int:
+    """Run the ranks on this machine until they end, with one snapshot daemon per emulated node;
+    restart crashed ranks inside the job; SIGTERM/SIGUSR1 are passed on to the ranks."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     env.setdefault("PYTHONWARNINGS", "ignore")
-    result = subprocess.run(torchrun_command(config_path, overrides, nproc), env=env)
-    if result.returncode != 0:
-        print(f"stalwart: training exited with code {result.returncode}", file=sys.stderr)
-    return result.returncode
+    snapshots = config.snapshot.interval != 0
+    run_dir, parity = Path(config.run.dir), config.snapshot.parity
+    daemons = LocalDaemons(config_path, overrides, run_dir, nodes, nproc, parity) if snapshots else None
+    retired: list[LocalDaemons] = []  # groups that lost a node: the source of the next restore
+    current: list[LocalRanks] = []
+    forward = lambda signum, frame: current and current[-1].signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    steps_at_crashes: list[int | None] = []
+    layout: list[str] = []  # overrides of a smaller layout after a node's loss
+    restore: dict[str, str] = {}
+    try:
+        while True:
+            rank_env = [dict(env, **(daemons.env(rank) if daemons else {}), **restore) for rank in range(nproc)]
+            current.append(LocalRanks(rank_command(config_path, [*overrides, *layout]), nproc, rank_env))
+            code = job_exit_code(current[-1].wait())
+            lost = daemons.dead_nodes() if daemons else []
+            if code == EXIT_CRASHED and lost and len(lost) < len(daemons.processes):
+                retired.append(daemons)
+                daemons, restore = daemons.without(lost)
+                nproc = len(daemons.processes) * daemons.per_node
+                layout = [f"parallel.dp={nproc // (config.parallel.tp * config.parallel.pp)}"]
+                continue
+            newest = daemons.newest_step() if daemons else _newest_checkpoint_step(config)
+            if newest is not None and daemons is not None:
+                restore = {}  # the new group holds a snapshot of its own now
+            steps_at_crashes.append(newest)
+            if not should_restart(code, steps_at_crashes, config.run.max_restarts):
+                break
+            print(f"stalwart: a rank crashed; restarting the ranks (restart {len(current)})", file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for group in [*retired, *([daemons] if daemons else [])]:
+            group.stop()
+    if code == EXIT_CRASHED and len(current) > 1:
+        code = EXIT_GAVE_UP
+        print(
+            f"stalwart: error: the run crashed {config.run.max_restarts + 1} times in a row at step "
+            f"{steps_at_crashes[-1]}; giving up (run.max_restarts={config.run.max_restarts})",
+            file=sys.stderr,
+        )
+    if code != EXIT_OK:
+        print(f"stalwart: training exited with code {code} ({EXIT_MEANINGS[code]})", file=sys.stderr)
+    return code
+
+
+def _newest_checkpoint_step(config: Config) -> int | None:
+    from checkpoint.universal import find_resume_checkpoint
+
+    found = find_resume_checkpoint(Path(config.checkpoint.dir or Path(config.run.dir) / "checkpoints"))
+    return found.step if found else None
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+EXIT_MEANINGS = {
+    EXIT_CRASHED: "a rank crashed",
+    EXIT_BAD_INPUT: "bad input, named above",
+    EXIT_GAVE_UP: "crashed at the same step too often: not requeueing",
+    EXIT_REQUEUE: "stopped on a signal after saving: requeue to continue",
+}

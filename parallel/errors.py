@@ -10,12 +10,19 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+class Retryable(RuntimeError):
+    """A failure that a restart can get past (a snapshot or checkpoint write lost with a
+    process), unlike bad input: ranks exit with the "crashed" code and a launcher restarts them."""
+
+
 class RankFailed(RuntimeError):
     """Raised on every rank when any rank failed a step that all ranks run together."""
 
-    def __init__(self, message: str, group=None):
+    def __init__(self, message: str, group=None, retryable: bool = False):
         super().__init__(message)
         self.group = group
+        self.retryable = retryable
+        """Every failing rank's error was Retryable."""
 
     def wait_for_every_rank(self) -> None:
         """Return once every rank has reached this point (call it after reporting the error).
@@ -35,12 +42,13 @@ def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...
     try:
         result, error = step(), None
     except expected as e:
-        result, error = None, f"{e}"
-    errors: list[str | None] = [None] * dist.get_world_size(group)
+        result, error = None, (f"{e}", isinstance(e, Retryable))
+    errors: list[tuple[str, bool] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, error, group=group)
-    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    failed = [(rank, error) for rank, error in enumerate(errors) if error]
     if failed:
-        rank, message = failed[0]
+        rank, (message, _) = failed[0]
         others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        raise RankFailed(f"{message} [rank {rank}{others}]", group)
+        retryable = all(retry for _, (_, retry) in failed)
+        raise RankFailed(f"{message} [rank {rank}{others}]", group, retryable)
     return result

@@ -31,8 +31,7 @@ def main() -> None:
         trainer = Trainer(config)
         try:
             trainer.checkpointer.dir = run_dir / "resaved"
-            trainer.save_checkpoint()
-            trainer.checkpointer.finish()
+            trainer.checkpointer.save()
             trainer.checkpointer.dir = run_dir / "checkpoints"
             trainer.fit()
         finally:

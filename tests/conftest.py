@@ -107,3 +107,29 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Co
     """Start `nproc` real ranks (gloo) with torchrun on this machine."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     return run_command(command, timeout, env=rank_env(nproc), cwd=REPO)
+
+
+def start_stalwart_run(config: Path, *overrides: str, nodes: int = 1, ranks: int = 2) -> subprocess.Popen:
+    """`stalwart run CONFIG --nodes N --set ...` in its own session, left running (see finish())."""
+    command = [sys.executable, "-m", "launcher.cli", "run", str(config), "--nodes", str(nodes)]
+    command += [f"--set={o}" for o in overrides]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=rank_env(ranks),
+        cwd=REPO,
+        start_new_session=True,  # a timeout kills the launcher, its ranks and daemons together
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """Wait for a process started by start_stalwart_run(); on timeout kill its session and fail."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the run did not end in {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return process.returncode, out, err

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from parallel.dims import init_distributed
 from parallel.errors import RankFailed, on_all_ranks
 from trainer.config import load_config
-from trainer.data import DataError
+from trainer.errors import DataError
 from trainer.loop import open_data
 
 

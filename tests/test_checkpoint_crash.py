@@ -243,8 +243,8 @@ def test_sigkill_in_every_phase_of_a_save_never_exposes_an_incomplete_checkpoint
                 job.wait()
         assert job.returncode != 0, f"the job must fail when a {kill.victim} is killed"
         if before is not None:
-            resumed = re.search(r"resumed from \S+/step_(\d+)", output)
-            assert resumed and int(resumed.group(1)) == before, output[-2000:]
+            resumed = re.search(r"restored step (\d+) from disk \(\S+/step_(\d+),", output)
+            assert resumed and int(resumed.group(1)) == int(resumed.group(2)) == before, output[-2000:]
         # Orphaned writers run at idle priority: on a busy machine noticing takes a while.
         assert _none_left(marker, timeout=300), f"a process of the job outlived it after a {kill.name}"
         assert_latest_is_complete(ckpt_dir)  # once the job's last process is gone

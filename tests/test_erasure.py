@@ -8,7 +8,7 @@ import pytest
 from checkpoint.erasure import ErasureError, block_bytes, make_code, stripes
 
 
-@pytest.mark.parametrize("nodes,parity", [(3, 1), (4, 1), (6, 2), (7, 3), (8, 2)])
+@pytest.mark.parametrize("nodes,parity", [(2, 1), (3, 1), (4, 1), (6, 2), (7, 3), (8, 2)])
 def test_every_block_has_one_stripe_and_any_m_lost_nodes_leave_every_stripe_decodable(nodes, parity):
     k = nodes - parity
     plan = stripes(nodes, parity)

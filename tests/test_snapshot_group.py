@@ -109,7 +109,7 @@ def test_a_group_on_port_0_learns_its_addresses_before_ranks_deliver(tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("nodes,parity", [(4, 1), (6, 2)])
+@pytest.mark.parametrize("nodes,parity", [(2, 1), (4, 1), (6, 2)])
 def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, parity):
     group = Group(tmp_path, nodes, parity)
     try:

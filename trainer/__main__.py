@@ -9,7 +9,7 @@ import sys
 from checkpoint.universal import CheckpointError
 from launcher.cli import quiet_megatron_fallback_warnings
 from parallel.errors import RankFailed
-from trainer.data import DataError
+from trainer.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_OK, EXIT_REQUEUE, DataError
 from trainer.schema import ConfigError
 
 
@@ -26,20 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import Trainer
 
         trainer = Trainer(load_config(args.config, args.overrides))
-        trainer.fit()
+        outcome = trainer.fit()
     except (ConfigError, DataError, CheckpointError, RankFailed) as e:
         # Said before closing: once one rank exits, torchrun stops the others.
         print(f"stalwart: error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, RankFailed):
             e.wait_for_every_rank()
-        return 2
+            if e.retryable:  # a restart gets past it: the launcher restores from the snapshots
+                return EXIT_CRASHED
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"stalwart: rank {rank} interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
         if trainer is not None:
             trainer.close()
-    return 0
+    return EXIT_REQUEUE if outcome == "stopped" else EXIT_OK
 
 
 if __name__ == "__main__":

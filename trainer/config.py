@@ -170,7 +170,14 @@ class RunConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU; None looks the GPU up, or measures a CPU matmul."""
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Show a progress bar on rank 0 (a line per train.log_interval steps when stderr is not a terminal)."""
+    max_restarts: int = 3
+    """`stalwart run` restarts crashed ranks inside the job; it gives up after this many crashes in a row
+    without a newer snapshot or checkpoint (exit code 3: do not requeue)."""
+
+    def validate(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError("run.max_restarts", f"must be >= 0, got {self.max_restarts}")
 
 
 @dataclass
@@ -187,6 +194,7 @@ class Config:
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError on the first problem; with a world size also check the layout fits it."""
+        self.run.validate()
         self.model.validate()
         self.optim.validate()
         self.data.validate()

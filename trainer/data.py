@@ -32,6 +32,8 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from trainer.errors import DataError
+
 EOD_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "valid")
 DIRECTORY_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -41,10 +43,6 @@ ENCODE_CHUNK_DOCUMENTS = 256
 # uint16 halves the .bin size; keep a margin below 65536 as Megatron's tools do.
 UINT16_VOCAB_LIMIT = 65500
 MAX_TOKEN_SCAN_CHUNK = 1 << 24
-
-
-class DataError(ValueError):
-    """A problem with the data, the dataset files or the tokenizer given to this module."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from checkpoint.commands import layout_text
 from checkpoint.manager import Checkpointer
+from checkpoint.snapshotter import Daemons, Snapshotter
+from checkpoint.state import RankState
 from checkpoint.universal import CheckpointError
 from parallel.dims import ParallelDims, build_parallel_dims, destroy_parallel_dims, init_distributed
 from parallel.errors import on_all_ranks
 from trainer.config import Config
 from trainer.data import (
-    DataError,
     GlobalBatchSampler,
     TokenWindows,
     check_tokenizer_matches,
     read_dataset_info,
     shard_for_rank,
 )
-from trainer.metrics import MetricsLog, Progress, model_flops_per_token, peak_flops_per_device, plot_losses
+from trainer.errors import DataError
+from trainer.hooks import CheckpointHook, EvalHook, Hook, MetricsHook, SnapshotHook, StopRequest
+from trainer.metrics import model_flops_per_token, peak_flops_per_device
 from trainer.model import padded_vocab_size
 from trainer.schedule import learning_rate
 from trainer.schema import ConfigError, to_dict
@@ -62,8 +68,35 @@ def micro_batches(windows: TokenWindows, indices: np.ndarray, micro_batch_size: 
     return [samples[i : i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
 
 
+class RunState:
+    """The run's own state, saved and restored as one: step, sampler position, tokens consumed.
+
+    state_dict() also carries the config, so that a checkpoint says how it was trained.
+    """
+
+    def __init__(self, config: Config, sampler: GlobalBatchSampler):
+        self.config, self.sampler = config, sampler
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler.state_dict()
+        return {
+            "step": self.step,
+            "sampler": sampler,
+            "consumed_tokens": sampler["consumed_samples"] * self.config.train.seq_length,
+            "config": to_dict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+
+
+Outcome = Literal["finished", "stopped"]
+
+
 class Trainer:
-    """Owns one run on one rank: layout, data, step object, metrics."""
+    """Owns one run on one rank: layout, data, step object, the state it saves, its hooks."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -73,22 +106,55 @@ class Trainer:
         self.data = on_all_ranks(lambda: open_data(config), (ConfigError, DataError))
         self.dims: ParallelDims = build_parallel_dims(config.parallel, config.train.seed)
         self.step_fn = TrainStep(config, self.dims, self.data.vocab_size)
+        self.run = RunState(config, self.data.sampler)
+        self.state = RankState(self.step_fn.model, self.step_fn.optimizer, self.dims, self.data.vocab_size, self.run)
         self.run_dir = Path(config.run.dir)
         self.is_logger = self.dims.rank == 0
         padded = padded_vocab_size(self.data.vocab_size, config.model.make_vocab_size_divisible_by)
         self.flops_per_token = model_flops_per_token(config.model, config.train.seq_length, padded)
         self.peak_flops = peak_flops_per_device(config.run.peak_tflops) * world
-        self.step = 0
-        self.checkpointer = Checkpointer(
-            config.checkpoint,
-            config.run.dir,
-            self.dims,
-            self.step_fn,
-            self.data.vocab_size,
-            config.parallel.timeout_minutes,
-        )
-        if config.checkpoint.resume:
+        self.checkpointer = Checkpointer(config.checkpoint, config.run.dir, self.state, config.parallel.timeout_minutes)
+        self.snapshotter = self._snapshotter()
+        if not self._restore_from_memory() and config.checkpoint.resume:
             self._resume()
+
+    def _snapshotter(self) -> Snapshotter | None:
+        daemons = Daemons.from_env()
+        if daemons is None or self.snapshot_interval == 0:
+            return None
+        return Snapshotter(self.config.snapshot, daemons, self.state, self.checkpointer)
+
+    @property
+    def snapshot_interval(self) -> int:
+        interval = self.config.snapshot.interval
+        return 1 if interval is None else interval
+
+    def _restore_from_memory(self) -> bool:
+        """Continue from the newest snapshot the daemons hold (a restart inside the job)."""
+        if self.snapshotter is None:
+            return False
+        restored = self.snapshotter.restore()
+        if restored is None:
+            return False
+        where = layout_text(restored.layout)
+        self._say_restored("memory", restored.step, where, restored.seconds, restored.origin)
+        return True
+
+    def _say_restored(self, source: str, step: int, layout: str, seconds: float, origin: str) -> None:
+        """Every restore says where the state came from, which step and layout, and how long it took."""
+        if not self.is_logger:
+            return
+        print(
+            f"stalwart: restored step {step} from {source} ({origin}, saved at {layout}) in {seconds:.2f} s", flush=True
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        event = {"event": "restore", "source": source, "step": step, "layout": layout, "seconds": seconds}
+        with open(self.run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps({**event, "origin": origin, "time": time.time()}) + "\n")
+
+    @property
+    def step(self) -> int:
+        return self.run.step
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint, whichever layout saved it."""
@@ -96,71 +162,71 @@ class Trainer:
         dist.broadcast_object_list(found, src=0)  # every rank takes rank 0's choice
         if found[0] is None:
             return
+        start = time.perf_counter()
         resumed = on_all_ranks(lambda: self.checkpointer.load(found[0]), (CheckpointError,))
-        self.step = resumed.step
-        self.data.sampler.load_state_dict(resumed.state["sampler"])
+        seconds = time.perf_counter() - start
+        self._say_restored("disk", resumed.step, layout_text(resumed.state["layout"]), seconds, str(resumed.path))
         if self.is_logger:
-            saved_at = layout_text(resumed.state["layout"])
-            print(f"stalwart: resumed from {resumed.path} (step {resumed.step}, saved at {saved_at})", flush=True)
             for reason in resumed.skipped:
                 print(f"stalwart: skipped newer checkpoint {reason}", flush=True)
 
-    def save_checkpoint(self) -> None:
-        sampler = self.data.sampler.state_dict()
-        run_state = {
-            "sampler": sampler,
-            "consumed_tokens": sampler["consumed_samples"] * self.config.train.seq_length,
-            "config": to_dict(self.config),
-        }
-        self.checkpointer.begin(self.step, run_state)
+    def hooks(self) -> list[Hook]:
+        """In the order they act: evaluation adds to a step's record before anything saves or logs it."""
+        cfg = self.config
+        hooks: list[Hook] = [EvalHook(self.evaluate, cfg.train.eval_interval, cfg.train.steps)]
+        if self.snapshotter is not None:  # checkpoints are written from the snapshots
+            hooks.append(
+                SnapshotHook(self.snapshotter, self.snapshot_interval, cfg.checkpoint.interval, cfg.train.steps)
+            )
+        else:
+            hooks.append(CheckpointHook(self.checkpointer, cfg.checkpoint.interval, cfg.train.steps))
+        if self.is_logger:
+            newest = lambda: (found := self.checkpointer.find()) and found.path  # noqa: E731
+            hooks.append(
+                MetricsHook(self.run_dir, self.step, cfg.train.steps, cfg.train.log_interval, cfg.run.progress, newest)
+            )
+        return hooks
 
-    def _checkpoint_due(self) -> bool:
-        interval = self.config.checkpoint.interval
-        return bool(interval) and (self.step % interval == 0 or self.step == self.config.train.steps)
-
-    def fit(self) -> None:
-        cfg = self.config.train
-        log = MetricsLog(self.run_dir / "metrics.jsonl", start_step=self.step) if self.is_logger else None
-        progress = Progress(cfg.steps, self.step, enabled=self.is_logger and self.config.run.progress)
+    def fit(self) -> Outcome:
+        """Train to train.steps, or until a stop signal: then every rank saves after the same step."""
+        hooks, stop = self.hooks(), StopRequest()
         # The model, optimizer and data live as long as the run: moving them out of the
         # collector's reach turns its full collections from a ~0.2 s pause of one rank (which
         # stalls every rank at the next collective) into a scan of this step's garbage only.
         gc.collect()
         gc.freeze()
+        stopping = False
         try:
-            while self.step < cfg.steps:
-                record = self._train_one_step()
-                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
-                    record["val_loss"] = self.evaluate()
-                if self._checkpoint_due():
-                    self.save_checkpoint()
-                    record["checkpoint_staging_peak_mb"] = self.checkpointer.staging_peak_bytes / 2**20
-                # Waiting for the last copy before this step's update, plus handing this one over.
-                record["checkpoint_blocked_s"] = self.checkpointer.take_blocked_time()
-                if log and (self.step % cfg.log_interval == 0 or "val_loss" in record):
-                    log.write(record)
-                progress.update(record)
-            self.checkpointer.finish()
+            while self.step < self.config.train.steps and not stopping:
+                record = self._train_one_step(lambda: [h.before_update() for h in hooks])
+                stopping = stop.agreed(self.dims.device)
+                for hook in hooks:
+                    hook.after_step(self.step, record, stopping)
+            for hook in hooks:
+                hook.at_end(self.step)
         finally:
             gc.unfreeze()
-            progress.close()
-            if log:
-                log.close()
-        if self.is_logger:
-            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            stop.restore()
+            for hook in hooks:
+                if isinstance(hook, MetricsHook):
+                    hook.close()
+        if stopping and self.is_logger:
+            print(f"stalwart: stopped after step {self.step} on a signal; checkpoint committed", flush=True)
+        return "stopped" if stopping else "finished"
 
-    def _train_one_step(self) -> dict:
+    def _train_one_step(self, before_update) -> dict:
         cfg = self.config.train
         lr = learning_rate(self.step, cfg.steps, self.config.optim)
         self.step_fn.set_learning_rate(lr)
         indices = shard_for_rank(self.data.sampler.next_global_batch(), self.dims.dp_rank, self.dims.dp)
         batches = micro_batches(self.data.train, indices, cfg.micro_batch_size)
         start = time.perf_counter()
-        result = self.step_fn.train(batches, before_update=self.checkpointer.wait_staged)
+        result = self.step_fn.train(batches, before_update=before_update)
         elapsed = time.perf_counter() - start
-        self.step += 1
+        self.run.step += 1
         tokens_per_s = cfg.global_batch_tokens / elapsed
-        return {
+        memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+        return memory | {
             "step": self.step,
             "loss": result.loss,
             "lr": lr,
@@ -186,5 +252,7 @@ class Trainer:
         return float(np.mean(losses))
 
     def close(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.close()
         self.checkpointer.close()
         destroy_parallel_dims()

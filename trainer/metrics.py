@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -76,16 +77,26 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class Progress:
-    """A tqdm bar with ETA on rank 0; silent elsewhere."""
+    """Rank 0's view of the run: a tqdm bar with ETA on a terminal; in a batch log (stderr is
+    not a terminal, where a redrawn bar would be one endless line) a line every `log_interval`
+    steps. Silent elsewhere."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, log_interval: int = 1, stream=None):
+        self.total, self.log_interval = total, log_interval
+        self.stream = stream if stream is not None else sys.stderr
         self._bar = None
-        if enabled:
+        self._lines = enabled and not self.stream.isatty()
+        self._start, self._start_step = time.monotonic(), initial
+        if enabled and not self._lines:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+            self._bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train", file=self.stream
+            )
 
     def update(self, record: dict) -> None:
+        if self._lines and (record["step"] % self.log_interval == 0 or "val_loss" in record):
+            print(self._line(record), file=self.stream, flush=True)
         if self._bar is None:
             return
         shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
@@ -94,9 +105,44 @@ class Progress:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
+    def _line(self, record: dict) -> str:
+        step = record["step"]
+        elapsed = time.monotonic() - self._start
+        eta = elapsed / max(1, step - self._start_step) * (self.total - step)
+        line = f"step {step}/{self.total}  loss {record['loss']:.4f}"
+        if "val_loss" in record:
+            line += f"  val {record['val_loss']:.4f}"
+        return line + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  eta {duration_text(eta)}"
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def duration_text(seconds: float) -> str:
+    """`2h05m`, `3m12s`, `41s`."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def run_summary(
+    start_step: int, last: dict | None, last_eval: dict | None, seconds: float, run_dir: Path, checkpoint: Path | None
+) -> str:
+    """The few lines a finished run prints: what it did and where its outputs are."""
+    lines = []
+    if last is not None:
+        lines.append(f"stalwart: trained steps {start_step + 1}-{last['step']} in {duration_text(seconds)}")
+        loss = f"final loss {last['loss']:.4f}"
+        if last_eval is not None:
+            loss += f", validation loss {last_eval['val_loss']:.4f} at step {last_eval['step']}"
+        lines.append(f"stalwart: {loss}")
+    lines.append(f"stalwart: metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'loss.png'}")
+    lines.append(f"stalwart: newest checkpoint {checkpoint if checkpoint else '(none saved)'}")
+    return "\n".join(lines)
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path:

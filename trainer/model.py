@@ -20,6 +20,8 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from checkpoint.layout import padded_shape, tp_regions
+from checkpoint.state import global_param_name, param_layout
 from parallel.dims import ParallelDims
 from parallel.norm import SequenceParallelRMSNorm
 from trainer.config import Config, ModelConfig
@@ -132,25 +134,17 @@ def build_model_chunks(config: Config, dims: ParallelDims, vocab_size: int) -> l
             vp_stage=vp,
         )
         chunk.to(dims.device)
-        init_weights(chunk, config.model, config.train.seed, dims.tp_rank, dims.tp)
+        init_weights(chunk, config.model, config.train.seed, dims.tp_rank, dims.tp, vocab_size)
         chunks.append(chunk)
     return chunks
 
 
-def global_param_name(module: torch.nn.Module, local_name: str) -> str:
-    """`decoder.layers.<i>...` with i the layer's index in the whole model, not in this stage."""
-    parts = local_name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        layer = module.decoder.layers[int(parts[2])]
-        parts[2] = str(layer.layer_number - 1)
-    return ".".join(parts)
-
-
-def init_weights(module: torch.nn.Module, model: ModelConfig, seed: int, tp_rank: int, tp: int) -> None:
+def init_weights(module: torch.nn.Module, model: ModelConfig, seed: int, tp_rank: int, tp: int, vocab: int) -> None:
     """Initialise every parameter from a generator keyed by (seed, global name).
 
-    The full tensor is drawn and this rank keeps its TP shard, so any TP x PP layout
-    starts from the same weights as a single-GPU run.
+    The full tensor is drawn and this rank keeps its TP piece, placed by the same layout
+    mapping that checkpoints and snapshots use, so any TP x PP layout starts from the same
+    weights as a single-GPU run.
     """
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -163,9 +157,10 @@ def init_weights(module: torch.nn.Module, model: ModelConfig, seed: int, tp_rank
                 std = model.init_std
                 if full_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
                     std /= math.sqrt(2 * model.num_layers)
-                full = _seeded_normal(full_name, seed, _full_shape(param, tp), std, param)
-                gate_up = full_name.endswith("linear_fc1.weight")
-                param.copy_(_tp_shard(full, param, tp_rank, tp, gate_up))
+                layout = param_layout(full_name, param, tp, vocab)
+                full = _seeded_normal(full_name, seed, padded_shape(layout), std, param)
+                for global_region, local_region in tp_regions(layout, tp_rank, tp, padded=True):
+                    param[local_region] = full[global_region]
 
 
 def _seeded_normal(name: str, seed: int, shape: tuple[int, ...], std: float, like: torch.Tensor) -> torch.Tensor:
@@ -173,21 +168,3 @@ def _seeded_normal(name: str, seed: int, shape: tuple[int, ...], std: float, lik
     generator = torch.Generator(device=like.device).manual_seed(key)
     out = torch.empty(shape, dtype=torch.float32, device=like.device)
     return out.normal_(0.0, std, generator=generator)
-
-
-def _full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp
-    return tuple(shape)
-
-
-def _tp_shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int, gate_up: bool) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
-        return full
-    dim = param.partition_dim
-    if gate_up:
-        # SwiGLU's fc1 is [gate; up]; each TP rank holds [gate_r; up_r].
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[tp_rank], up.chunk(tp, dim=dim)[tp_rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[tp_rank]

@@ -171,7 +171,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots", "steps", "peers")
+    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots", "steps", "peers", "materializations")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class StatusReply(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZATIONS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: int
     memory_used: int
@@ -188,7 +189,42 @@ class StatusReply(_message.Message):
     snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
     steps: _containers.RepeatedCompositeFieldContainer[StepState]
     peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    materializations: _containers.RepeatedCompositeFieldContainer[Materialization]
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., materializations: _Optional[_Iterable[_Union[Materialization, _Mapping]]] = ...) -> None: ...
+
+class MaterializeRequest(_message.Message):
+    __slots__ = ("step", "root", "writer_token", "world_size", "keep", "keep_every", "timeout_s")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    WRITER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    root: str
+    writer_token: str
+    world_size: int
+    keep: int
+    keep_every: int
+    timeout_s: float
+    def __init__(self, step: _Optional[int] = ..., root: _Optional[str] = ..., writer_token: _Optional[str] = ..., world_size: _Optional[int] = ..., keep: _Optional[int] = ..., keep_every: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class MaterializeReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Materialization(_message.Message):
+    __slots__ = ("step", "root", "state", "error")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    root: str
+    state: str
+    error: str
+    def __init__(self, step: _Optional[int] = ..., root: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StepState(_message.Message):
     __slots__ = ("step", "phase", "reserved_ranks", "delivered_ranks", "blocks_sent", "blocks_to_send", "missing_stripes", "encode_error")

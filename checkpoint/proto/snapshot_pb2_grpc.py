@@ -89,6 +89,11 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.FromString,
                 _registered_method=True)
+        self.Materialize = channel.unary_unary(
+                '/stalwart.snapshot.v1.SnapshotDaemon/Materialize',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
+                _registered_method=True)
         self.PutBlock = channel.stream_unary(
                 '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
@@ -187,6 +192,16 @@ class SnapshotDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Materialize(self, request, context):
+        """Write this node's ranks' share of a committed step as a universal checkpoint under
+        `root`, in a process of its own, from the segments (pinned until it is done). The daemon
+        holding rank 0 also creates the root group and commits once every rank's share is there.
+        Returns at once; Status reports how it went.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutBlock(self, request_iterator, context):
         """Between the daemons of a node group: a data block of a share streamed to the node that
         holds the stripe's parity, and any block served back for a rebuild.
@@ -258,6 +273,11 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.SetPeers,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.SerializeToString,
+            ),
+            'Materialize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Materialize,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.SerializeToString,
             ),
             'PutBlock': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlock,
@@ -567,6 +587,33 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/SetPeers',
             checkpoint_dot_proto_dot_snapshot__pb2.SetPeersRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.SetPeersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Materialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/Materialize',
+            checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,271 @@
+"""Fault tolerance costs and gains, measured side by side in one run.
+
+usage: python bench/recovery.py [--quick]
+
+1. Throughput: the demo model on one rank trains without snapshots, with a snapshot every
+   step, and with a snapshot every step plus a checkpoint every 10 steps (written by the
+   daemon from the snapshots), in turn, through `stalwart run`; once with one core training
+   and one spare (a GPU node's host has spare cores), once with both cores training.
+2. Restore: a ~100M-parameter model's rank state restored from the daemon's memory and from
+   the universal checkpoint on disk (its files dropped from the page cache), in turn.
+3. Kill to step: a rank SIGKILLed mid-run; the wall time until the restarted run completes a
+   step, and the part of it that is process start-up.
+4. Deliver: bytes per second a rank delivers into a daemon's segment, against a memory copy.
+
+Prints a table, then one JSON line with snapshot_throughput_ratio(_both_cores),
+checkpoint_throughput_ratio(_both_cores), restore_memory_vs_disk, kill_to_step_s,
+kill_startup_s, deliver_vs_memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEMO_MODEL = {"num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 352, "num_attention_heads": 4}
+BIG_MODEL = {"num_layers": 8, "hidden_size": 1024, "ffn_hidden_size": 2816, "num_attention_heads": 16}
+"""About 100M parameters (with the 2,048-token vocabulary of the benchmark's corpus)."""
+
+
+def write_config(path: Path, data: Path, run_dir: Path, model: dict, **sections) -> Path:
+    config = {
+        "run": {"dir": str(run_dir), "precision": "fp32", "progress": False},
+        "model": {**model, "num_query_groups": 2},
+        "train": {"seq_length": 128, "global_batch_tokens": 2048, "micro_batch_size": 4, "eval_interval": 0},
+        "data": {"path": str(data)},
+        "checkpoint": {"interval": 0},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+
+
+def stalwart_run(config: Path, threads: int, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "launcher.cli", "run", str(config), "--nproc", "1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env(threads), cwd=REPO, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def seconds_per_step(metrics: Path, skip: int = 5) -> float:
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    window = records[skip:]
+    return (window[-1]["time"] - window[0]["time"]) / (len(window) - 1)
+
+
+def throughput(tmp: Path, data: Path, steps: int, rounds: int, threads: int) -> dict:
+    """Seconds per step of each kind, medians over rounds run in turn (ABC CBA ...)."""
+    kinds = {
+        "none": {"snapshot": {"interval": 0}},
+        "snapshots": {"snapshot": {"interval": 1}},
+        "snapshots_checkpoints": {"snapshot": {"interval": 1}, "checkpoint": {"interval": 10, "keep": 2}},
+    }
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    names = list(kinds)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            run_dir = tmp / f"tp-{threads}-{name}-{round_}"
+            config = write_config(
+                tmp / f"{name}.yaml", data, run_dir, DEMO_MODEL, train={"steps": steps}, **kinds[name]
+            )
+            stalwart_run(config, threads)
+            times[name].append(seconds_per_step(run_dir / "metrics.jsonl"))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def drop_from_page_cache(root: Path) -> None:
+    """Evict a checkpoint's files from the page cache (they are clean: written and fsynced)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def restore_times(tmp: Path, data: Path, rounds: int) -> dict:
+    """A rank restoring the big model's state from the daemon's memory and from disk, in turn."""
+    from launcher.local import LocalDaemons, LocalRanks, rank_command
+
+    run_dir = tmp / "restore"
+    config = write_config(
+        tmp / "big.yaml",
+        data,
+        run_dir,
+        BIG_MODEL,
+        train={"steps": 2, "global_batch_tokens": 512, "micro_batch_size": 1},
+        checkpoint={"interval": 2},
+        snapshot={"memory_mb": 8192},
+    )
+    daemons = LocalDaemons(str(config), [], run_dir, nodes=1, nproc=1, parity=1)
+    try:
+
+        def ranks(with_daemons: bool) -> None:
+            extra = daemons.env(0) if with_daemons else {}
+            overrides = [] if with_daemons else ["snapshot.interval=0"]
+            launched = LocalRanks(rank_command(str(config), overrides), 1, [{**env(2), **extra}])
+            codes = launched.wait()
+            if codes != [0]:
+                raise RuntimeError(f"the restoring rank exited with {codes}")
+
+        ranks(with_daemons=True)  # trains 2 steps: a snapshot and its checkpoint at step 2
+        checkpoint = run_dir / "checkpoints" / "step_000000002"
+        seconds: dict[str, list[float]] = {"memory": [], "disk": []}
+        for round_ in range(rounds):
+            for source in ("memory", "disk") if round_ % 2 == 0 else ("disk", "memory"):
+                drop_from_page_cache(checkpoint)
+                ranks(with_daemons=source == "memory")
+                event = json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])
+                assert event["source"] == source, event
+                seconds[source].append(event["seconds"])
+        nbytes = sum(p.stat().st_size for p in checkpoint.rglob("c/*") if p.is_file())
+    finally:
+        daemons.stop()
+    return {f"restore_{k}_s": statistics.median(v) for k, v in seconds.items()} | {"checkpoint_bytes": nbytes}
+
+
+def kill_to_step(tmp: Path, data: Path) -> dict:
+    """SIGKILL one of two ranks mid-run; from the kill to the next completed step."""
+    run_dir = tmp / "kill"
+    config = write_config(tmp / "kill.yaml", data, run_dir, DEMO_MODEL, train={"steps": 60}, parallel={"dp": 2})
+    command = [sys.executable, "-m", "launcher.cli", "run", str(config), "--nodes", "2"]
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(1), cwd=REPO
+    )
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 10:
+        time.sleep(0.05)
+    children = open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split()
+    ranks = [int(p) for p in children if open(f"/proc/{p}/cmdline").read().split("\0")[1:3] == ["-m", "trainer"]]
+    killed_at = time.time()
+    os.kill(max(ranks), signal.SIGKILL)
+    launcher.communicate(timeout=600)
+    event = json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])
+    first = next(r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] == event["step"] + 1)
+    restored_at = event["time"]
+    return {
+        "kill_to_step_s": first["time"] - killed_at,
+        "kill_startup_s": restored_at - event["seconds"] - killed_at,
+        "kill_restore_s": event["seconds"],
+        "kill_first_step_s": first["time"] - restored_at,
+    }
+
+
+def deliver_vs_memcpy(tmp: Path, nbytes: int, rounds: int) -> dict:
+    """A rank's delivery of `nbytes` into a daemon (reserve, copy, checksums, deliver) against
+    a plain memory copy of the same bytes, in turn."""
+    from checkpoint.daemon import read_token
+    from checkpoint.snapshot_client import SnapshotClient
+    from launcher.local import LocalDaemons
+
+    config = write_config(tmp / "deliver.yaml", tmp / "none", tmp / "deliver", DEMO_MODEL, snapshot={"memory_mb": 4096})
+    daemons = LocalDaemons(str(config), [], tmp / "deliver", nodes=1, nproc=1, parity=1)
+    try:
+        d = daemons.daemons
+        client = SnapshotClient(d.addresses[0], d.job, read_token(d.token_file))
+        source = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+        target = np.empty_like(source)
+        times: dict[str, list[float]] = {"deliver": [], "memcpy": []}
+        for step in range(rounds):
+            start = time.perf_counter()
+            client.deliver(step, 0, {"state": source})
+            times["deliver"].append(time.perf_counter() - start)
+            client.commit(step)
+            start = time.perf_counter()
+            np.copyto(target, source)
+            times["memcpy"].append(time.perf_counter() - start)
+        client.close()
+    finally:
+        daemons.stop()
+    return {f"{k}_s": statistics.median(v) for k, v in times.items()} | {"deliver_bytes": nbytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    args = parser.parse_args()
+    from tqdm import tqdm
+
+    from trainer.data import prepare_dataset, stdlib_source_dir
+
+    steps, rounds = (30, 2) if args.quick else (60, 3)
+    with tempfile.TemporaryDirectory(prefix="stalwart-recovery-") as name, tqdm(total=6, desc="recovery bench") as bar:
+        tmp = Path(name)
+        data = tmp / "data"
+        sources = [stdlib_source_dir() / d for d in ("email", "json", "logging", "asyncio")]
+        prepare_dataset(sources, str(data), vocab_size=2048, show_progress=False)
+        bar.update(1)
+        spare = throughput(tmp, data, steps, rounds, threads=1)
+        bar.update(1)
+        both = throughput(tmp, data, steps, rounds, threads=2)
+        bar.update(1)
+        restore = restore_times(tmp, data, rounds=2 if args.quick else 3)
+        bar.update(1)
+        killed = kill_to_step(tmp, data)
+        bar.update(1)
+        delivered = deliver_vs_memcpy(tmp, (64 if args.quick else 256) << 20, rounds=3 if args.quick else 5)
+        bar.update(1)
+    report(spare, both, restore, killed, delivered)
+
+
+def report(spare: dict, both: dict, restore: dict, killed: dict, delivered: dict) -> None:
+    results = {
+        "snapshot_throughput_ratio": spare["none"] / spare["snapshots"],
+        "snapshot_throughput_ratio_both_cores": both["none"] / both["snapshots"],
+        "checkpoint_throughput_ratio": spare["none"] / spare["snapshots_checkpoints"],
+        "checkpoint_throughput_ratio_both_cores": both["none"] / both["snapshots_checkpoints"],
+        "restore_memory_vs_disk": restore["restore_memory_s"] / restore["restore_disk_s"],
+        "kill_to_step_s": killed["kill_to_step_s"],
+        "kill_startup_s": killed["kill_startup_s"],
+        "deliver_vs_memcpy": delivered["memcpy_s"] / delivered["deliver_s"],
+    }
+    rows = [
+        ("s/step, no snapshots (1 core + 1 spare | 2 cores)", f"{spare['none']:.4f}", f"{both['none']:.4f}"),
+        ("s/step, snapshot every step", f"{spare['snapshots']:.4f}", f"{both['snapshots']:.4f}"),
+        (
+            "s/step, + checkpoint every 10 steps",
+            f"{spare['snapshots_checkpoints']:.4f}",
+            f"{both['snapshots_checkpoints']:.4f}",
+        ),
+        (
+            "restore ~100M params: memory | disk (s)",
+            f"{restore['restore_memory_s']:.3f}",
+            f"{restore['restore_disk_s']:.3f}",
+        ),
+        ("kill to next step | start-up part (s)", f"{killed['kill_to_step_s']:.2f}", f"{killed['kill_startup_s']:.2f}"),
+        ("restore | first step after it (s)", f"{killed['kill_restore_s']:.2f}", f"{killed['kill_first_step_s']:.2f}"),
+        (
+            f"deliver | memcpy {delivered['deliver_bytes'] >> 20} MiB (s)",
+            f"{delivered['deliver_s']:.3f}",
+            f"{delivered['memcpy_s']:.3f}",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for label, a, b in rows:
+        print(f"{label:<{width}}  {a:>10}  {b:>10}")
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Writing a committed snapshot as a universal checkpoint, straight from the daemons' memory.
+
+Each daemon runs this in a process of its own for its node's share (`python -m
+checkpoint.materialize`, the job on stdin), so that the training ranks copy their state once
+per step (into the daemon) and a checkpoint write that dies never harms the snapshot tier:
+the daemon keeps the step pinned until the process has exited. The chunks, RNG files, done
+markers, commit and retention are those of the checkpoint writer (checkpoint/writer.py), so
+the result is the checkpoint the ranks would have written themselves: the process holding
+rank 0 creates the root group and state.json first, and commits once every rank's marker is
+there, whichever daemon wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from checkpoint.layout import TensorLayout, chunks_of, local_shape
+from checkpoint.snapshot_store import attach
+from checkpoint.universal import FORMAT, VERSION, create_arrays, create_root_group, write_json_atomic
+from checkpoint.writer import FinishStep, apply_retention, finish_step, rank_markers, write_chunk_file
+
+META, RNG = "meta.json", "rng"
+"""The small buffers of a rank's snapshot beside its pieces (see checkpoint/snapshot_sink.py)."""
+
+
+@dataclass(frozen=True)
+class MaterializeJob:
+    root: str
+    """The checkpoint directory of this step, e.g. run/checkpoints/step_000000100."""
+    step: int
+    token: str
+    """Written into the root group: the markers of this save, not of a leftover directory."""
+    world_size: int
+    keep: int
+    keep_every: int | None
+    timeout_s: float
+    segments: list[tuple[int, str, dict[str, tuple[int, int]]]]
+    """(rank, shared-memory segment, buffer name -> (offset, bytes)) of this daemon's ranks."""
+
+
+class RankSegment:
+    """One rank's committed snapshot, mapped read-only from the daemon's segment."""
+
+    def __init__(self, rank: int, segment: str, buffers: dict[str, tuple[int, int]]):
+        self.rank, self.buffers = rank, buffers
+        self.shm: shared_memory.SharedMemory = attach(segment)
+        self.meta = json.loads(self.bytes(META))
+
+    def bytes(self, name: str) -> bytes:
+        offset, nbytes = self.buffers[name]
+        return bytes(self.shm.buf[offset : offset + nbytes])
+
+    def piece(self, name: str) -> tuple[TensorLayout, np.ndarray]:
+        layout = TensorLayout.from_attrs(self.meta["pieces"][name])
+        offset, nbytes = self.buffers[name]
+        shape = local_shape(layout, self.meta["layout"]["tp"])
+        return layout, np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset).reshape(shape)
+
+    def close(self) -> None:
+        release(self.shm)
+
+
+def release(shm: shared_memory.SharedMemory) -> None:
+    """Unmap a daemon's segment once the arrays viewing it are gone (a view kept alive by a
+    reference cycle goes at the next collection; one still alive keeps the mapping, harmlessly,
+    until the process exits: the daemon owns the segment either way)."""
+    gc.collect()
+    try:
+        shm.close()
+    except BufferError:
+        pass
+
+
+def materialize(job: MaterializeJob) -> None:
+    """Write this daemon's ranks' share of the checkpoint; commit it if rank 0 is among them."""
+    root = Path(job.root)
+    ranks = [RankSegment(*segment) for segment in sorted(job.segments)]
+    try:
+        first = next((r for r in ranks if r.rank == 0), None)
+        if first is not None:
+            _create_root(root, job, first.meta)
+        else:
+            _wait_for(lambda: _root_is_ours(root, job.token), job.timeout_s, job, "the checkpoint's root group")
+        for rank in ranks:
+            _write_rank(root, job, rank)
+    finally:
+        for rank in ranks:
+            rank.close()
+    if first is not None:
+        _commit_when_all_ranks_wrote(root, job)
+
+
+def _create_root(root: Path, job: MaterializeJob, meta: dict) -> None:
+    if root.exists():
+        shutil.rmtree(root)  # an unfinished earlier attempt at this step
+    create_root_group(root, {"format": FORMAT, "version": VERSION, "writer_token": job.token})
+    state = {**meta["run_state"], "step": job.step, "layout": meta["layout"]}
+    write_json_atomic(root / "state.json", state)
+
+
+def _write_rank(root: Path, job: MaterializeJob, rank: RankSegment) -> None:
+    meta = rank.meta
+    tp, tp_rank = meta["layout"]["tp"], meta["tp_rank"]
+    create_arrays(root, [(name, TensorLayout.from_attrs(attrs)) for name, attrs in meta["creates"]], tp)
+    written: dict[str, list[str]] = {}
+    for name in meta["writes"]:
+        layout, local = rank.piece(name)
+        for array, chunks, region, values in chunks_of(name, layout, local, tp_rank, tp):
+            pairs = tuple((s.start, s.stop) for s in region)
+            written.setdefault(array, []).append(write_chunk_file(root / array, pairs, chunks, values))
+    finish = FinishStep(
+        str(root), job.step, rank.rank, job.world_size, rank.bytes(RNG), False, job.keep, job.keep_every, job.timeout_s
+    )
+    finish_step(finish, written)  # RNG file, the directories' fsyncs, then this rank's marker
+
+
+def _commit_when_all_ranks_wrote(root: Path, job: MaterializeJob) -> None:
+    from checkpoint.universal import commit
+
+    _wait_for(lambda: rank_markers(root / "done", job.world_size) is not None, job.timeout_s, job, "every rank's share")
+    commit(root.parent, root, rank_markers(root / "done", job.world_size), job.step)
+    apply_retention(root.parent, job.keep, job.keep_every)
+
+
+def failure_marker(root: str, token: str) -> Path:
+    """Left beside a checkpoint's directory when one daemon's writer of it fails, so that the
+    other daemons' writers of the same attempt stop waiting for its share and give up."""
+    path = Path(root)
+    return path.with_name(f".{path.name}.{token}.failed")
+
+
+def _root_is_ours(root: Path, token: str) -> bool:
+    try:
+        return json.loads((root / "zarr.json").read_text())["attributes"].get("writer_token") == token
+    except (OSError, KeyError, json.JSONDecodeError):
+        return False
+
+
+def _wait_for(condition, timeout_s: float, job: MaterializeJob, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    abandoned = failure_marker(job.root, job.token)
+    while not condition():
+        if abandoned.exists():
+            raise RuntimeError(f"{job.root}: another daemon's writer failed; abandoned while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{job.root}: {what} did not appear within {job.timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
+class Materializations:
+    """The daemon's side: one writer process at a time, in the order requested, watched; what
+    became of each, for Status. In order, as a rank's checkpoint writer works: a checkpoint's
+    retention removes unfinished older saves, which must therefore be abandoned, not running."""
+
+    KEEP = 256
+    """Records kept for Status: every queued or running one, and the newest finished ones."""
+
+    def __init__(self):
+        self.by_root: dict[str, dict] = {}  # root -> {"step", "root", "state", "error"}, oldest first
+        self.queue: list[tuple[MaterializeJob, dict, object]] = []
+        self.process: subprocess.Popen | None = None
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    @property
+    def records(self) -> list[dict]:
+        with self.lock:
+            return list(self.by_root.values())
+
+    def start(self, job: MaterializeJob, on_exit) -> None:
+        """Write `job` after the ones before it; `on_exit()` once its process has ended, however."""
+        record = {"step": job.step, "root": job.root, "state": "queued", "error": ""}
+        with self.lock:
+            self.by_root.pop(job.root, None)  # a root written again: its newest attempt
+            self.by_root[job.root] = record
+            finished = [root for root, r in self.by_root.items() if r["state"] in ("done", "failed")]
+            for root in finished[: max(0, len(self.by_root) - self.KEEP)]:
+                del self.by_root[root]
+            self.queue.append((job, record, on_exit))
+            if self.process is None:
+                self._next()
+
+    def _next(self) -> None:
+        """Start the oldest queued job (called with the lock held)."""
+        if not self.queue or self.stopped:
+            return
+        job, record, on_exit = self.queue.pop(0)
+        record["state"] = "running"
+        self.process = process = subprocess.Popen(
+            [sys.executable, "-m", "checkpoint.materialize"],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_child_env(),
+        )
+
+        def watch() -> None:
+            try:
+                _, err = process.communicate(json.dumps(dataclasses.asdict(job)))
+                record["error"] = "" if process.returncode == 0 else "\n".join(err.strip().splitlines()[-5:])
+                record["state"] = "done" if process.returncode == 0 else "failed"
+                if process.returncode != 0:
+                    _leave_failure_marker(job)
+            finally:
+                on_exit()
+                with self.lock:
+                    self.process = None
+                    self._next()
+
+        threading.Thread(target=watch, name=f"stalwart-materialize-{job.step}", daemon=True).start()
+
+    def stop(self) -> None:
+        """A stopping daemon leaves no writer behind (an unfinished checkpoint is never committed)."""
+        with self.lock:
+            self.stopped = True
+            if self.process is not None:
+                self.process.kill()
+
+
+def _leave_failure_marker(job: MaterializeJob) -> None:
+    try:
+        marker = failure_marker(job.root, job.token)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass  # the others time out instead
+
+
+def _child_env() -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def main() -> int:
+    # Background work, at a low priority but not idle-only: where training takes every core, a
+    # writer that got no CPU at all would pin its snapshot (and the next ones) indefinitely.
+    os.nice(10)
+    raw = json.loads(sys.stdin.read())
+    raw["segments"] = [
+        (rank, name, {k: tuple(v) for k, v in buffers.items()}) for rank, name, buffers in raw["segments"]
+    ]
+    try:
+        materialize(MaterializeJob(**raw))
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""A rank's state into its node's snapshot daemon, and back out of it.
+
+Each snapshot step a rank reserves one daemon-owned shared-memory segment and copies its
+state there in the background (checkpoint/engine.py's StagingThread, as for checkpoints):
+every piece of `RankState.pieces()` as float32, then `meta.json` (each piece's layout, the
+run's state, the saved layout) and `rng`. The daemon keeps the segment when the rank dies.
+A restarted rank reads it back through `SegmentReader`, which offers the same `read_many`
+as a checkpoint on disk, so that `RankState.load` serves both tiers.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import torch
+
+from checkpoint.layout import TensorLayout, local_shape, padded_shape, tp_regions
+from checkpoint.materialize import META, RNG, release
+from checkpoint.proto import snapshot_pb2 as pb
+from checkpoint.snapshot_client import ALIGN, SnapshotClient
+from checkpoint.snapshot_store import attach
+from checkpoint.state import Piece, RankState
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class SegmentSink:
+    """One step of one rank, copied into the daemon's segment and delivered."""
+
+    def __init__(self, client: SnapshotClient, state: RankState, step: int, rank: int, extra: dict[str, bytes]):
+        self.client, self.step, self.rank = client, step, rank
+        self.extra = extra
+        """Small buffers known when the snapshot is taken: meta.json, rng."""
+        self.offsets: dict[str, int] = {}
+        size = 0
+        for name, nbytes in [*state.piece_bytes(), *((n, len(b)) for n, b in extra.items())]:
+            self.offsets[name] = size
+            size += _aligned(nbytes)
+        self.nbytes = size
+        self.table: list[pb.Buffer] = []
+        self.shm = None
+
+    def begin(self) -> None:
+        reply = self.client.reserve(self.step, self.rank, self.nbytes)
+        self.shm = attach(reply.segment)
+
+    def put(self, piece: Piece) -> None:
+        values = piece.local.detach().to("cpu", torch.float32).contiguous().numpy()
+        self._write(piece.name, memoryview(values.reshape(-1).view(np.uint8)))
+
+    def _write(self, name: str, data: memoryview) -> None:
+        if name not in self.offsets:
+            raise ValueError(f"snapshot buffer {name!r} was not planned (the state changed shape mid-save)")
+        start, nbytes = self.offsets[name], data.nbytes
+        target = self.shm.buf[start : start + nbytes]
+        target[:] = data
+        self.table.append(pb.Buffer(name=name, offset=start, nbytes=nbytes, crc32=zlib.crc32(target)))
+        target.release()
+
+    def end(self) -> None:
+        try:
+            for name, data in self.extra.items():
+                self._write(name, memoryview(data))
+        finally:
+            self.shm.close()
+        self.client.deliver_table(self.step, self.rank, self.table)
+
+
+def snapshot_extra(state: RankState, rng: bytes) -> dict[str, bytes]:
+    """The small buffers of a snapshot: what places each piece, the run's state, the RNG streams."""
+    meta = {
+        "run_state": state.run.state_dict(),
+        "layout": state.layout(),
+        "rank": state.dims.rank,
+        "tp_rank": state.dims.tp_rank,
+        "pieces": {name: layout.to_attrs() for name, layout in state.piece_layouts()},
+        # What this rank would write of a checkpoint: a daemon writes it from here (materialize).
+        "writes": state.names_this_rank_writes(),
+        "creates": [(name, layout.to_attrs()) for name, layout in state.arrays_this_rank_creates()],
+    }
+    return {META: json.dumps(meta).encode(), RNG: rng}
+
+
+class SegmentReader:
+    """A committed snapshot of one rank, mapped from its daemon's memory (same node).
+
+    Offers CheckpointReader's read_many for the same layout: each piece is this rank's own.
+    """
+
+    def __init__(self, client: SnapshotClient, step: int, rank: int):
+        reply = client.locate(step, rank)
+        self.shm = attach(reply.segment)
+        self.buffers = {b.name: (b.offset, b.nbytes) for b in reply.buffers}
+        self.meta = json.loads(self._bytes(META))
+        self.state = {**self.meta["run_state"], "layout": self.meta["layout"]}
+
+    def _bytes(self, name: str) -> bytes:
+        offset, nbytes = self.buffers[name]
+        return bytes(self.shm.buf[offset : offset + nbytes])
+
+    @property
+    def rng(self) -> bytes:
+        return self._bytes(RNG)
+
+    @property
+    def optimizer_state_keys(self) -> list[str]:
+        return sorted({name.split("/")[1] for name in self.buffers if name.startswith("optim/")})
+
+    def array(self, name: str, tp: int) -> np.ndarray:
+        """A saved piece as an array over the segment (no copy)."""
+        offset, nbytes = self.buffers[name]
+        shape = local_shape(TensorLayout.from_attrs(self.meta["pieces"][name]), tp)
+        return np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset).reshape(shape)
+
+    def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
+        if tp_rank != self.meta["tp_rank"] or tp != self.meta["layout"]["tp"]:
+            raise ValueError("a rank's own snapshot is read back on the layout that saved it")
+        for name, _, out in items:
+            if name not in self.buffers:
+                raise KeyError(f"the snapshot holds no {name}")
+            offset, nbytes = self.buffers[name]
+            values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+            out.data.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
+
+    def close(self) -> None:
+        release(self.shm)
+
+
+class GroupReader:
+    """A committed snapshot of every rank of a job, mapped from the daemons that hold it (after
+    a node's loss, a survivor holds that node's rebuilt segments too), read onto any layout.
+
+    The same mapping as a checkpoint's: each saved piece is placed in its logical tensor by its
+    layout, and the new rank's piece is cut out of that. Segments are mapped by name, so the
+    daemons must run on this machine (the emulated nodes of `stalwart run --nodes K`).
+    """
+
+    def __init__(self, clients: list[SnapshotClient], step: int):
+        self.ranks: dict[int, SegmentReader] = {}
+        for client in clients:
+            held = next((s for s in client.list() if s.step == step), None)
+            for rank in held.ranks if held else ():
+                if rank not in self.ranks:
+                    self.ranks[rank] = SegmentReader(client, step, rank)
+        if not self.ranks:
+            raise KeyError(f"no daemon holds a committed snapshot of step {step}")
+        first = self.ranks[min(self.ranks)]
+        self.meta, self.state = first.meta, first.state
+        self.saved_tp = self.meta["layout"]["tp"]
+        if len(self.ranks) != self.meta["layout"]["world_size"]:
+            missing = sorted(set(range(self.meta["layout"]["world_size"])) - set(self.ranks))
+            raise KeyError(f"the daemons hold step {step} of ranks {sorted(self.ranks)} only; ranks {missing} are lost")
+
+    @property
+    def optimizer_state_keys(self) -> list[str]:
+        return next(iter(self.ranks.values())).optimizer_state_keys
+
+    def _saved_pieces(self, name: str) -> dict[int, np.ndarray]:
+        """TP rank -> that rank's saved piece of `name` (from whichever DP replica comes first)."""
+        pieces: dict[int, np.ndarray] = {}
+        for reader in self.ranks.values():
+            tp_rank = reader.meta["tp_rank"]
+            if tp_rank not in pieces and name in reader.buffers:
+                pieces[tp_rank] = reader.array(name, self.saved_tp)
+        return pieces
+
+    def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
+        for name, layout, out in items:
+            pieces = self._saved_pieces(name)
+            if sorted(pieces) != list(range(self.saved_tp)):
+                raise KeyError(f"the snapshot holds {name} of TP ranks {sorted(pieces)} of {self.saved_tp} only")
+            if tp == self.saved_tp:
+                values = pieces[tp_rank]
+            else:
+                full = np.zeros(padded_shape(layout), np.float32)
+                for saved_rank, piece in pieces.items():
+                    for global_region, local_region in tp_regions(layout, saved_rank, self.saved_tp, padded=True):
+                        full[global_region] = piece[local_region]
+                values = np.zeros(local_shape(layout, tp), np.float32)
+                for global_region, local_region in tp_regions(layout, tp_rank, tp, padded=True):
+                    values[local_region] = full[global_region]
+            out.data.copy_(torch.from_numpy(np.array(values)).view(out.shape).to(out.dtype))
+            del values, pieces
+
+    def close(self) -> None:
+        for reader in self.ranks.values():
+            reader.close()

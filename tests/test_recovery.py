@@ -1,0 +1,367 @@
+"""Recovery inside the job: ranks SIGKILLed at random points of training are restarted by the
+launcher and restore from their node daemons' memory, and training goes on bit-exactly."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, rank_env, start_stalwart_run, write_tiny_config
+from tests.conftest import finish as finish_run
+from trainer.metrics import read_metrics
+
+# The demo's model (configs/demo.yaml) on the small dataset, 4 ranks on 2 emulated nodes.
+DEMO_MODEL = (
+    "model.hidden_size=128",
+    "model.ffn_hidden_size=352",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.num_layers=4",
+)
+LAYOUT = ("parallel.dp=4", "parallel.distributed_optimizer=true")
+STEPS = 120
+KILLS = 20
+TIMEOUT_S = 900
+
+
+def start_run(config, *overrides):
+    return start_stalwart_run(config, *overrides, nodes=2, ranks=4)
+
+
+def finish(process, timeout=TIMEOUT_S):
+    return finish_run(process, timeout)
+
+
+def ranks_of(launcher_pid: int) -> list[int]:
+    """The launcher's training ranks (its other children are the snapshot daemons)."""
+    return sorted(pid for pid, command in children_of(launcher_pid).items() if command[1:3] == ["-m", "trainer"])
+
+
+def newest_step(metrics) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(metrics)), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):  # rank 0 rewrites the file at a restart
+        return 0
+
+
+def restores(run_dir) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_until(condition, process, what):
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended while waiting for {what}: {process.communicate()}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"{what}: not within {TIMEOUT_S} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(1500)  # twenty restarts of four ranks, each importing megatron-core
+def test_twenty_sigkills_of_random_ranks_each_restore_from_memory_and_train_on_bit_exactly(
+    tmp_path, small_dataset, report
+):
+    settings = (f"train.steps={STEPS}", "train.eval_interval=0", "checkpoint.interval=0", "run.max_restarts=30")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *DEMO_MODEL, *settings)
+    reference = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", small_dataset, *DEMO_MODEL, *settings)
+    rng = random.Random(20261130)
+    run, run_dir = start_run(config, *LAYOUT), tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    kills = []  # (newest logged step when killed, victim rank)
+    for kill in range(KILLS):
+        # A restart must have restored (and trained on) before the next kill.
+        wait_until(lambda n=kill: len(restores(run_dir)) == n, run, f"restore {kill}")
+        since = restores(run_dir)[-1]["step"] if kill else 0
+        wait_until(lambda s=since: newest_step(metrics) >= s + 2, run, f"training after restore {kill}")
+        time.sleep(rng.uniform(0.0, 0.4))
+        victim = rng.randrange(4)
+        pids = sorted(ranks_of(run.pid), key=rank_of)
+        assert len(pids) == 4, pids
+        kills.append((newest_step(metrics), victim))
+        os.kill(pids[victim], signal.SIGKILL)
+        if kills[-1][0] >= STEPS - 2:
+            pytest.fail("the run ended before all kills: give it more steps")
+    code, out, err = finish(run)
+    assert code == 0, err[-3000:]
+
+    events = restores(run_dir)
+    assert len(events) == KILLS, out[-3000:]
+    assert all(e["source"] == "memory" and e["layout"] == "tp1 pp1 dp4 +distopt" for e in events)
+    lost = [logged - event["step"] for (logged, _), event in zip(kills, events, strict=True)]
+    # Logged steps are done; the snapshot of the newest one is copied during the step after it.
+    assert all(0 <= n <= 1 for n in lost), lost
+
+    code, _, err = finish(start_run(reference, *LAYOUT))
+    assert code == 0, err[-3000:]
+    got = {r["step"]: (r["loss"], r["consumed_samples"]) for r in read_metrics(metrics)}
+    expected = {r["step"]: (r["loss"], r["consumed_samples"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == expected  # every loss to the last bit; every step consumed the same samples
+    seconds = sorted(e["seconds"] for e in events)
+    median = seconds[len(seconds) // 2]
+    report(f"recovery: {KILLS} SIGKILLs, steps lost per kill {sorted(lost)}, restore from memory p50 {median:.2f} s")
+
+
+def snapshot_command(run_dir, *args):
+    command = [sys.executable, "-m", "launcher.cli", "snapshot", "--run", str(run_dir), "--json", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=rank_env(1), cwd=REPO, timeout=300)
+
+
+def test_snapshot_materialize_writes_the_checkpoint_the_ranks_would_and_it_resumes_on_another_layout(
+    tmp_path, small_dataset
+):
+    """A committed snapshot of a live job, materialized by the operator, is the very checkpoint
+    the ranks write themselves at that step (chunk for chunk), verifies, and resumes at TP2."""
+    # snapshot.keep=3: a step pinned by one daemon stays on the others for two more commits.
+    steps = ("train.steps=400", "train.eval_interval=0", "snapshot.keep=3")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *steps, "checkpoint.interval=0")
+    run = start_run(config, *LAYOUT)
+    wait_until(lambda: newest_step(tmp_path / "run" / "metrics.jsonl") >= 3, run, "three steps")
+    listed = snapshot_command(tmp_path / "run", "ls")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert json.loads(listed.stdout)[-1]["ranks"] == [0, 1, 2, 3]
+    out = tmp_path / "materialized"
+    made = snapshot_command(tmp_path / "run", "materialize", "latest", str(out))
+    assert made.returncode == 0, made.stdout + made.stderr
+    step = json.loads(made.stdout)[0]["step"]
+    assert json.loads(made.stdout)[0]["ranks"] == 4
+    os.kill(run.pid, signal.SIGUSR1)
+    assert finish(run)[0] == 75
+
+    root = out / f"step_{step:09d}"
+    verified = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(root)], capture_output=True, text=True, cwd=REPO
+    )
+    assert verified.returncode == 0, verified.stdout
+    assert (out / "latest").read_text().strip() == root.name
+
+    # The same steps, saved by the ranks through the checkpoint writers (no daemons), with the
+    # same train.steps (the learning-rate schedule depends on it), stopped once past `step`.
+    ranks_config = write_tiny_config(
+        tmp_path / "ranks.yaml",
+        tmp_path / "ranks",
+        small_dataset,
+        *steps,
+        f"checkpoint.interval={step}",
+        "checkpoint.keep=1000",
+        "snapshot.interval=0",
+    )
+    by_ranks_run = start_run(ranks_config, *LAYOUT)
+    wait_until(lambda: newest_step(tmp_path / "ranks" / "metrics.jsonl") > step, by_ranks_run, f"step {step + 1}")
+    os.kill(by_ranks_run.pid, signal.SIGUSR1)
+    assert finish(by_ranks_run)[0] == 75
+    by_ranks = tmp_path / "ranks" / "checkpoints" / root.name
+    manifest = json.loads((root / "manifest.json").read_text())["arrays"]
+    assert manifest == json.loads((by_ranks / "manifest.json").read_text())["arrays"]
+    for name, keys in manifest.items():
+        for key in keys:
+            assert (root / name / key).read_bytes() == (by_ranks / name / key).read_bytes(), f"{name}/{key}"
+
+    resume = write_tiny_config(
+        tmp_path / "tp2.yaml",
+        tmp_path / "tp2",
+        small_dataset,
+        f"train.steps={step + 2}",
+        "train.eval_interval=0",
+        f"checkpoint.dir={out}",
+        "checkpoint.interval=0",
+        "snapshot.interval=0",
+        "parallel.tp=2",
+    )
+    command = [sys.executable, "-m", "launcher.cli", "run", str(resume)]
+    result = subprocess.run(command, capture_output=True, text=True, env=rank_env(2), cwd=REPO, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"restored step {step} from disk ({root}, saved at tp1 pp1 dp4 +distopt)" in result.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "tp2" / "metrics.jsonl")][-2:] == [step + 1, step + 2]
+
+
+def children_of(launcher_pid: int) -> dict[int, list[str]]:
+    """Child pid -> command line, of a process that may be starting or ending threads and children."""
+    out = {}
+    try:
+        tasks = os.listdir(f"/proc/{launcher_pid}/task")
+    except FileNotFoundError:
+        return out
+    for task in tasks:
+        try:
+            pids = open(f"/proc/{launcher_pid}/task/{task}/children").read().split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        for pid in pids:
+            try:
+                out[int(pid)] = open(f"/proc/{pid}/cmdline").read().split("\0")
+            except FileNotFoundError:
+                pass
+    return out
+
+
+def rank_of(pid: int) -> int:
+    environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+    return int(environ["RANK"])
+
+
+def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_path, small_dataset):
+    """3 emulated nodes x 2 ranks with parity 1; node 2's daemon and ranks are SIGKILLed together.
+    The run continues at DP4 on the two survivors from memory, loses no committed step, and
+    matches a run that changes from DP6 to DP4 through a disk checkpoint at the same step."""
+    steps = 80
+    settings = (
+        f"train.steps={steps}",
+        "train.global_batch_tokens=1536",  # 24 sequences: micro-batches of 2 over 6 and over 4 ranks
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+    )
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *settings)
+    run = start_stalwart_run(config, "parallel.dp=6", "parallel.distributed_optimizer=true", nodes=3, ranks=6)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_until(lambda: newest_step(metrics) >= 10, run, "ten steps")
+    children = children_of(run.pid)
+    daemon = [
+        pid for pid, cmd in children.items() if "checkpoint.daemon" in cmd and cmd[cmd.index("--node") + 1] == "2"
+    ]
+    ranks = {rank_of(pid): pid for pid, cmd in children.items() if cmd[1:3] == ["-m", "trainer"]}
+    assert len(daemon) == 1 and sorted(ranks) == list(range(6)), children
+    logged = newest_step(metrics)
+    for pid in [*daemon, ranks[4], ranks[5]]:  # node 2: its daemon and ranks 4 and 5
+        os.kill(pid, signal.SIGKILL)
+    code, out, err = finish(run)
+    assert code == 0, err[-3000:]
+    assert "node(s) [2] lost" in err
+    event = restores(tmp_path / "run")[-1]
+    assert event["source"] == "memory" and event["layout"] == "tp1 pp1 dp6 +distopt", event
+    lost_at = event["step"]
+    assert logged - 1 <= lost_at <= logged + 1  # no committed step lost (the kill lands mid-step)
+
+    # The reference: DP6 with a checkpoint at that step, resumed at DP4 from disk.
+    reference = write_tiny_config(
+        tmp_path / "ref.yaml",
+        tmp_path / "ref",
+        small_dataset,
+        *settings[:-1],
+        f"checkpoint.interval={lost_at}",
+        "checkpoint.keep=100",
+        "snapshot.interval=0",
+        "parallel.distributed_optimizer=true",
+    )
+    base = [sys.executable, "-m", "launcher.cli", "run", str(reference)]
+    first = subprocess.run(
+        [*base, "--set=parallel.dp=6"], capture_output=True, text=True, env=rank_env(6), cwd=REPO, timeout=TIMEOUT_S
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    for later in (tmp_path / "ref" / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > lost_at:
+            shutil.rmtree(later)
+    second = subprocess.run(
+        [*base, "--set=parallel.dp=4"], capture_output=True, text=True, env=rank_env(4), cwd=REPO, timeout=TIMEOUT_S
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"restored step {lost_at} from disk" in second.stdout
+    got = {r["step"]: r["loss"] for r in read_metrics(metrics)}
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
+    assert max(abs(got[s] - expected[s]) for s in got) <= 1e-5
+
+
+def test_a_checkpoint_writer_killed_mid_write_costs_no_snapshot(tmp_path, small_dataset):
+    """The daemon's checkpoint writer is SIGKILLed while it writes: the snapshot it was writing
+    from is untouched, the ranks restart from it (a write failure is worth a restart), the next
+    checkpoints are written, and training goes on bit-exactly."""
+    settings = ("train.steps=120", "train.eval_interval=0", "checkpoint.interval=4", "checkpoint.keep=100")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *settings)
+    run, run_dir = start_run(config, *LAYOUT), tmp_path / "run"
+    root = None
+    deadline = time.monotonic() + TIMEOUT_S
+    while root is None and time.monotonic() < deadline and run.poll() is None:
+        for daemon in [p for p, cmd in children_of(run.pid).items() if "checkpoint.daemon" in cmd]:
+            for writer, cmd in children_of(daemon).items():
+                if cmd[1:3] == ["-m", "checkpoint.materialize"]:
+                    os.kill(writer, signal.SIGKILL)
+                    root = writer
+        if root is None:
+            time.sleep(0.002)
+    assert root is not None, "no checkpoint writer was caught at work"
+    code, out, err = finish(run)
+    assert code == 0, err[-3000:]
+    assert "writing checkpoint" in err and "from the snapshot failed" in err
+    events = restores(run_dir)
+    assert [e["source"] for e in events] == ["memory"], events
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    complete = [c for c in checkpoints if (c / "manifest.json").is_file()]
+    assert complete[-1].name == "step_000000120"
+    for checkpoint in complete[-2:]:
+        assert (
+            subprocess.run(
+                [sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(checkpoint)], capture_output=True, cwd=REPO
+            ).returncode
+            == 0
+        )
+
+    reference = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", small_dataset, *settings)
+    assert finish(start_run(reference, *LAYOUT))[0] == 0
+    got = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert got == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+
+
+def test_a_daemon_killed_while_ranks_deliver_loses_no_committed_snapshot_or_checkpoint(tmp_path, small_dataset):
+    """Node 1's daemon alone is SIGKILLed while the ranks deliver a snapshot every step: its
+    ranks fail to deliver, every rank stops, and the run goes on on node 0 from the newest
+    snapshot (node 1's share rebuilt from its mirror); every committed checkpoint stays whole."""
+    settings = ("train.steps=60", "train.eval_interval=0", "checkpoint.interval=5", "checkpoint.keep=100")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *settings)
+    run, run_dir = start_run(config, *LAYOUT), tmp_path / "run"
+    wait_until(lambda: newest_step(run_dir / "metrics.jsonl") >= 12, run, "twelve steps")
+    logged = newest_step(run_dir / "metrics.jsonl")
+    daemon = [
+        p
+        for p, cmd in children_of(run.pid).items()
+        if "checkpoint.daemon" in cmd and cmd[cmd.index("--node") + 1] == "1"
+    ]
+    committed_before = [c.name for c in (run_dir / "checkpoints").glob("step_*") if (c / "manifest.json").is_file()]
+    os.kill(daemon[0], signal.SIGKILL)
+    code, out, err = finish(run)
+    assert code == 0, err[-3000:]
+    assert "node(s) [1] lost" in err
+    event = restores(run_dir)[-1]
+    assert event["source"] == "memory" and event["step"] >= logged - 1, event  # no committed step lost
+    for name in committed_before:  # still there, still whole
+        verified = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(run_dir / "checkpoints" / name)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert verified.returncode == 0, verified.stdout
+    assert (run_dir / "checkpoints" / "step_000000060" / "manifest.json").is_file()
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 61))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_launcher_killed_leaves_no_rank_or_daemon_behind(tmp_path, small_dataset):
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400")
+    run = start_run(config, *LAYOUT)
+    wait_until(lambda: newest_step(tmp_path / "run" / "metrics.jsonl") >= 2, run, "two steps")
+    children = children_of(run.pid)
+    assert len(children) == 6, children  # two daemons, four ranks
+    os.kill(run.pid, signal.SIGKILL)
+    run.communicate()
+    deadline = time.monotonic() + 60
+    while any(
+        os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children
+    ):
+        assert time.monotonic() < deadline, f"outlived the launcher: {children}"
+        time.sleep(0.1)
