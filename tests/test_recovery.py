@@ -365,3 +365,36 @@ def test_a_launcher_killed_leaves_no_rank_or_daemon_behind(tmp_path, small_datas
     ):
         assert time.monotonic() < deadline, f"outlived the launcher: {children}"
         time.sleep(0.1)
+
+
+def test_a_run_that_crashes_at_the_same_step_again_and_again_gives_up_after_max_restarts(tmp_path, small_dataset):
+    """Every restarted rank is SIGKILLed as soon as it appears, so no newer snapshot is ever
+    committed: after run.max_restarts restarts the launcher gives up with exit code 3."""
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400")
+    run = start_run(config, *LAYOUT, "run.max_restarts=2")
+    wait_until(lambda: newest_step(tmp_path / "run" / "metrics.jsonl") >= 3, run, "three steps")
+    killed: set[int] = set()
+    deadline = time.monotonic() + TIMEOUT_S
+    while run.poll() is None and time.monotonic() < deadline:
+        for pid in set(ranks_of(run.pid)) - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.02)
+    code, out, err = finish(run)
+    assert code == 3, err[-3000:]
+    assert "the run crashed 3 times in a row at step" in err and "giving up (run.max_restarts=2)" in err
+    assert "training exited with code 3 (crashed at the same step too often: not requeueing)" in err
+    assert len(killed) == 3 * 4  # the first run's ranks and two restarts', no third restart
+
+
+def test_restart_decisions():
+    from launcher.local import job_exit_code, should_restart
+
+    assert job_exit_code([0, 0]) == 0
+    assert job_exit_code([75, 75]) == 75
+    assert job_exit_code([-9, 1]) == 1 and job_exit_code([2, 2]) == 2 and job_exit_code([2, -9]) == 1
+    assert not should_restart(1, [5], max_restarts=0)
+    assert should_restart(1, [5], max_restarts=1) and not should_restart(1, [5, 5], max_restarts=1)
+    assert should_restart(1, [5, 5], max_restarts=2) and not should_restart(1, [5, 5, 5], max_restarts=2)
+    assert should_restart(1, [5, 5, 6], max_restarts=2)  # progress resets the count
+    assert not should_restart(2, [5], max_restarts=3) and not should_restart(75, [5], max_restarts=3)

@@ -172,8 +172,8 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar on rank 0 (a line per train.log_interval steps when stderr is not a terminal)."""
     max_restarts: int = 3
-    """`stalwart run` restarts crashed ranks inside the job; it gives up after this many crashes in a row
-    without a newer snapshot or checkpoint (exit code 3: do not requeue)."""
+    """`stalwart run` restarts crashed ranks inside the job, at most this many times in a row without a
+    newer snapshot or checkpoint; the crash after that ends the run (exit code 3: do not requeue)."""
 
     def validate(self) -> None:
         if self.max_restarts < 0:
