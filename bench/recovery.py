@@ -173,8 +173,9 @@ def kill_to_step(tmp: Path, data: Path) -> dict:
 
 
 def deliver_vs_memcpy(tmp: Path, nbytes: int, rounds: int) -> dict:
-    """A rank's delivery of `nbytes` into a daemon (reserve, copy, checksums, deliver) against
-    a plain memory copy of the same bytes, in turn."""
+    """A rank's delivery of `nbytes` into a daemon (reserve, copy with checksums, deliver)
+    against a plain memory copy of the same bytes into memory already in use, in turn.
+    In steady state, as in training: two steps first, after which the daemon recycles segments."""
     from checkpoint.daemon import read_token
     from checkpoint.snapshot_client import SnapshotClient
     from launcher.local import LocalDaemons
@@ -185,20 +186,27 @@ def deliver_vs_memcpy(tmp: Path, nbytes: int, rounds: int) -> dict:
         d = daemons.daemons
         client = SnapshotClient(d.addresses[0], d.job, read_token(d.token_file))
         source = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
-        target = np.empty_like(source)
+        target = np.zeros_like(source)
         times: dict[str, list[float]] = {"deliver": [], "memcpy": []}
-        for step in range(rounds):
+        for step in range(WARM_UP_STEPS + rounds):
             start = time.perf_counter()
             client.deliver(step, 0, {"state": source})
-            times["deliver"].append(time.perf_counter() - start)
-            client.commit(step)
+            delivered = time.perf_counter() - start
+            client.commit(step)  # by rank 0's committer in training, off the ranks' path
             start = time.perf_counter()
             np.copyto(target, source)
-            times["memcpy"].append(time.perf_counter() - start)
+            copied = time.perf_counter() - start
+            if step >= WARM_UP_STEPS:
+                times["deliver"].append(delivered)
+                times["memcpy"].append(copied)
         client.close()
     finally:
         daemons.stop()
     return {f"{k}_s": statistics.median(v) for k, v in times.items()} | {"deliver_bytes": nbytes}
+
+
+WARM_UP_STEPS = 2
+"""The first two deliveries map fresh segments; from the third on the daemon recycles them."""
 
 
 def main() -> None:

@@ -14,22 +14,24 @@ import hmac
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from checkpoint.block_transport import PIECE, BlockRefused, BlockServer
 from checkpoint.config import SnapshotConfig
 from checkpoint.erasure import ErasureError
 from checkpoint.materialize import Materializations, MaterializeJob
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import (
+    JOB_KEY,
     GroupPlan,
     Peers,
     address_port,
-    block_chunks,
     block_range,
     chunk_bytes,
     newest_common_step,
@@ -39,7 +41,6 @@ from checkpoint.snapshot_group import (
 from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, StepState
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
-JOB_KEY = "x-stalwart-job"
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -121,6 +122,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         self.store, self.peers = store, peers
         self.chunk = chunk_bytes(max_message_bytes)
         self.materializations = Materializations()
+        self.block_port = 0
+        """Where the group's blocks go (0: not in a group)."""
 
     def _require_addresses(self) -> None:
         unknown = self.store.group.unknown_peers() if self.store.group else []
@@ -137,7 +140,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
 
     @_mapped
     def Deliver(self, request, context):
-        buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32) for b in request.buffers]
+        buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32c) for b in request.buffers]
         delivered, expected = self.store.deliver(request.step, request.rank, buffers)
         progress = self.store.encoding(request.step)
         if delivered == expected and self.peers is not None and progress is not None:  # the share is whole
@@ -160,37 +163,22 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             committed=ready and not request.prepare, missing_ranks=missing, missing_stripes=stripes, ready=ready
         )
 
-    @_mapped
-    def PutBlock(self, request_iterator, context):
-        for chunk in request_iterator:
-            self.store.add_parity(chunk)
-        return pb.PutBlockReply()
-
-    def GetBlock(self, request, context):
-        try:
-            chunks = self._block_chunks(request)
-        except SnapshotError as e:
-            context.abort(_STATUS[e.kind], str(e))
-        yield from chunks
-
-    def _block_chunks(self, request):
+    def block(self, request: dict) -> tuple[dict, int, Iterator[bytes]]:
+        """A get on the block port: this node's data block of a stripe, or the parity it holds."""
         group = self.store.group
-        if group is None:
-            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
-        if not 0 <= request.stripe < len(group.stripes):
-            raise SnapshotError("invalid", f"no stripe {request.stripe} in a group of {len(group.stripes)}")
-        if request.parity:
-            data, meta = self.store.parity_block(request.step, request.stripe)
-            chunks = block_chunks(request.step, request.stripe, group.node, _slicer(data), len(data), meta, self.chunk)
-            return list(chunks)
-        stripe = group.stripes[request.stripe]
-        if group.node not in stripe.data_nodes:
-            raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {request.stripe}")
-        self.store.require_whole(request.step)
-        meta = self.store.share(request.step)
-        start, size = block_range(meta, group.k, stripe.block_of(group.node))
-        read = lambda offset, n: self.store.read_share(request.step, start + offset, n)  # noqa: E731
-        return block_chunks(request.step, request.stripe, group.node, read, size, meta, self.chunk)
+        step, index = int(request["step"]), int(request["stripe"])
+        if not 0 <= index < len(group.stripes):
+            raise SnapshotError("invalid", f"no stripe {index} in a group of {len(group.stripes)}")
+        if request.get("parity"):
+            data, meta = self.store.parity_block(step, index)
+            view = memoryview(data)  # a copy taken under the store's lock, sliced without copying
+            return meta, len(data), _pieces(lambda offset, n: view[offset : offset + n], len(data))
+        if group.node not in group.stripes[index].data_nodes:
+            raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {index}")
+        self.store.require_whole(step)
+        meta = self.store.share(step)
+        start, size = block_range(meta, group.k, group.stripes[index].block_of(group.node))
+        return meta, size, _pieces(lambda offset, n: self.store.read_share(step, start + offset, n), size)
 
     @_mapped
     def Rebuild(self, request, context):
@@ -291,6 +279,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             steps=[_step_state(state) for state in store.states()],
             peers=store.group.peers if store.group else [],
             materializations=[pb.Materialization(**r) for r in self.materializations.records],
+            block_port=self.block_port,
         )
 
 
@@ -311,15 +300,29 @@ def _step_state(state: StepState) -> pb.StepState:
         blocks_to_send=state.blocks_to_send,
         missing_stripes=state.missing_stripes,
         encode_error=state.encode_error,
+        segments=state.segments,
     )
 
 
-def _slicer(data: bytes):
-    return lambda offset, n: data[offset : offset + n]
+def _refusing(handler):
+    """A block-port handler: the store's refusals go back to the caller as they would on gRPC."""
+
+    def call(*args):
+        try:
+            return handler(*args)
+        except SnapshotError as e:
+            raise BlockRefused(e.kind, str(e)) from e
+
+    return call
+
+
+def _pieces(read, size: int) -> Iterator[bytes | bytearray | memoryview]:
+    for offset in range(0, size, PIECE):
+        yield read(offset, min(PIECE, size - offset))
 
 
 def _buffer(b: BufferInfo) -> pb.Buffer:
-    return pb.Buffer(name=b.name, offset=b.offset, nbytes=b.nbytes, crc32=b.crc32)
+    return pb.Buffer(name=b.name, offset=b.offset, nbytes=b.nbytes, crc32c=b.crc32c)
 
 
 def _infos(store: SnapshotStore, include_ready: bool = False) -> list[pb.SnapshotInfo]:
@@ -344,9 +347,13 @@ def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grp
     group = None
     if store.group is not None:
         _fill_own_address(store.group, port)
-        metadata = ((JOB_KEY, store.job), ("authorization", f"Bearer {token}"))
-        group = Peers(store.group, metadata, config.deadline_s, limit)
+        group = Peers(store.group, store.job, token, config.deadline_s, limit)
     servicer = Servicer(store, limit, group)
+    if group is not None:
+        host = config.listen.rpartition(":")[0]
+        get, put = _refusing(servicer.block), _refusing(store.add_parity)
+        blocks = BlockServer(host, store.job, token, get, put, config.deadline_s)
+        servicer.block_port = blocks.port
     pb_grpc.add_SnapshotDaemonServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -8,19 +8,24 @@ buffers = client.fetch(step, rank)                           # after a restart
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
+from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
 
-from checkpoint.daemon import JOB_KEY
+from checkpoint.block_transport import get_block
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
-from checkpoint.snapshot_store import attach
+from checkpoint.snapshot_group import call_metadata
+from checkpoint.snapshot_store import attach, checksum, copy_checksummed
 
 ALIGN = 64
 """Buffers start at multiples of this in a segment (cache lines; SIMD-friendly reads)."""
+
+MAPPED_SEGMENTS = 4
+"""Segments a client keeps mapped. A daemon recycles a few segments per rank step after step;
+a kept mapping spares faulting their pages in again at every step."""
 
 
 class SnapshotClient:
@@ -29,8 +34,18 @@ class SnapshotClient:
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.SnapshotDaemonStub(self.channel)
-        self.metadata = ((JOB_KEY, job), ("authorization", f"Bearer {token}"))
+        self.metadata = call_metadata(job, token)
+        self.address, self.job, self.token = address, job, token
         self.deadline_s = deadline_s
+        self._mapped: dict[str, shared_memory.SharedMemory] = {}  # the most recently used last
+
+    def mapped(self, segment: str) -> shared_memory.SharedMemory:
+        """The daemon's segment `segment`, mapped into this process (kept for the next use)."""
+        shm = self._mapped.pop(segment, None) or attach(segment)
+        self._mapped[segment] = shm
+        while len(self._mapped) > MAPPED_SEGMENTS:
+            _unmap(self._mapped.pop(next(iter(self._mapped))))
+        return shm
 
     def _call(self, method: str, request):
         return getattr(self.stub, method)(request, timeout=self.deadline_s, metadata=self.metadata)
@@ -43,16 +58,12 @@ class SnapshotClient:
             offsets[name] = size
             size += -(-view.nbytes // ALIGN) * ALIGN
         reply = self._call("Reserve", pb.ReserveRequest(step=step, rank=rank, nbytes=size))
-        shm = attach(reply.segment)
-        try:
-            table = []
-            for name, view in views.items():
-                start = offsets[name]
-                shm.buf[start : start + view.nbytes] = view
-                crc = zlib.crc32(shm.buf[start : start + view.nbytes])
-                table.append(pb.Buffer(name=name, offset=start, nbytes=view.nbytes, crc32=crc))
-        finally:
-            shm.close()
+        shm = self.mapped(reply.segment)
+        table = []
+        for name, view in views.items():
+            start = offsets[name]
+            crc = copy_checksummed(shm.buf[start : start + view.nbytes], view)
+            table.append(pb.Buffer(name=name, offset=start, nbytes=view.nbytes, crc32c=crc))
         return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
 
     def reserve(self, step: int, rank: int, nbytes: int) -> pb.ReserveReply:
@@ -97,9 +108,13 @@ class SnapshotClient:
         reply = self._call("Locate", pb.FetchRequest(step=step, rank=rank))
         shm = attach(reply.segment)
         try:
-            return {b.name: bytes(shm.buf[b.offset : b.offset + b.nbytes]) for b in reply.buffers}
+            out = {b.name: bytes(shm.buf[b.offset : b.offset + b.nbytes]) for b in reply.buffers}
         finally:
             shm.close()
+        for b in reply.buffers:
+            if checksum(out[b.name]) != b.crc32c:
+                raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
+        return out
 
     def fetch_streamed(self, step: int, rank: int) -> dict[str, bytes]:
         """The same over the network, in chunks (from another node, or the CLI)."""
@@ -113,13 +128,29 @@ class SnapshotClient:
         out = {}
         for b in first.buffers:
             value = bytes(data[b.offset : b.offset + b.nbytes])
-            if zlib.crc32(value) != b.crc32:
+            if checksum(value) != b.crc32c:
                 raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
             out[b.name] = value
         return out
 
+    def block(self, step: int, stripe: int, parity: bool) -> np.ndarray:
+        """The daemon's data block of `stripe` (or the parity it holds), from its block port."""
+        port = self.status().block_port
+        request = {"step": step, "stripe": stripe, "parity": parity, "job": self.job, "token": self.token}
+        return get_block(f"{self.address.rpartition(':')[0]}:{port}", request, self.deadline_s)[0]
+
     def close(self) -> None:
+        for shm in self._mapped.values():
+            _unmap(shm)
+        self._mapped.clear()
         self.channel.close()
+
+
+def _unmap(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.close()
+    except BufferError:  # a view of it is still alive: the mapping goes with the process
+        pass
 
 
 def _bytes_view(value) -> memoryview:

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from checkpoint.block_transport import BlockRefused
 from checkpoint.daemon import read_token
 from checkpoint.erasure import stripes
 from checkpoint.proto import snapshot_pb2 as pb
@@ -189,7 +190,10 @@ def verify(clients: list[SnapshotClient], step: int, parity: int) -> tuple[int, 
         except grpc.RpcError as e:
             problems.append(f"node {node}: {e.code().name}: {e.details()}")
     if len(clients) > 1 and not problems:
-        problems += _parity_problems(clients, step, parity)
+        try:
+            problems += _parity_problems(clients, step, parity)
+        except (grpc.RpcError, BlockRefused, OSError) as e:
+            problems.append(f"the parity could not be checked: {e}")
     rows = [{"step": step, "ok": not problems, "problems": problems}]
     return (PROBLEM if problems else OK), rows
 
@@ -201,8 +205,8 @@ def _parity_problems(clients: list[SnapshotClient], step: int, parity: int) -> l
     code = make_code(k, parity)
     problems = []
     for stripe in stripes(len(clients), parity):
-        data = [_block(clients[n], step, stripe.index, parity=False) for n in stripe.data_nodes]
-        held = [_block(clients[n], step, stripe.index, parity=True) for n in stripe.parity_nodes]
+        data = [clients[n].block(step, stripe.index, parity=False) for n in stripe.data_nodes]
+        held = [clients[n].block(step, stripe.index, parity=True) for n in stripe.parity_nodes]
         length = max(len(b) for b in data + held)
         padded = [pad_block(b, length) for b in data]
         expected = [np.zeros(length, np.uint8) for _ in range(parity)]
@@ -211,13 +215,6 @@ def _parity_problems(clients: list[SnapshotClient], step: int, parity: int) -> l
             if not np.array_equal(expected[j], pad_block(block, length)):
                 problems.append(f"node {node}: parity {j} of stripe {stripe.index} does not match its data blocks")
     return problems
-
-
-def _block(client: SnapshotClient, step: int, stripe: int, parity: bool) -> bytes:
-    chunks = client.stub.GetBlock(
-        pb.BlockRequest(step=step, stripe=stripe, parity=parity), timeout=client.deadline_s, metadata=client.metadata
-    )
-    return b"".join(c.data for c in chunks)
 
 
 def fetch(clients: list[SnapshotClient], step: int, rank: int, out: Path) -> tuple[int, list[dict]]:

@@ -18,16 +18,25 @@ group learns its addresses afterwards (SetPeers), as survivors learn a replaceme
 
 from __future__ import annotations
 
-import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
+from checkpoint.block_transport import PIECE, BlockRefused, get_block, put_block
 from checkpoint.erasure import Code, Stripe, block_bytes, make_code, stripes
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
+
+JOB_KEY = "x-stalwart-job"
+"""The gRPC metadata key of the job's id; its token goes as `authorization: Bearer TOKEN`."""
+
+
+def call_metadata(job: str, token: str) -> tuple[tuple[str, str], ...]:
+    """What every call to a daemon of `job` carries."""
+    return ((JOB_KEY, job), ("authorization", f"Bearer {token}"))
 
 
 def chunk_bytes(max_message_bytes: int) -> int:
@@ -115,14 +124,15 @@ def share_meta(segments: list[tuple[int, int, list]]) -> dict:
     return {
         "nbytes": sum(n for _, n, _ in segments),
         "segments": [
-            {"rank": rank, "nbytes": n, "buffers": [[b.name, b.offset, b.nbytes, b.crc32] for b in buffers]}
+            {"rank": rank, "nbytes": n, "buffers": [[b.name, b.offset, b.nbytes, b.crc32c] for b in buffers]}
             for rank, n, buffers in segments
         ],
     }
 
 
-def read_range(views: list[memoryview], start: int, length: int) -> bytes:
-    """Bytes [start, start + length) of the segments laid end to end, zeros past their end."""
+def read_range(views: list[memoryview], start: int, length: int) -> bytearray:
+    """Bytes [start, start + length) of the segments laid end to end, zeros past their end
+    (one copy: a socket sends the bytearray as it is)."""
     out = bytearray(length)
     base = 0
     for view in views:
@@ -130,7 +140,7 @@ def read_range(views: list[memoryview], start: int, length: int) -> bytes:
         if lo < hi:
             out[lo - start : hi - start] = view[lo - base : hi - base]
         base += len(view)
-    return bytes(out)
+    return out
 
 
 def block_range(meta: dict, k: int, block: int) -> tuple[int, int]:
@@ -146,7 +156,7 @@ def block_range(meta: dict, k: int, block: int) -> tuple[int, int]:
 class Peers:
     """gRPC stubs to the other daemons of the group, with the job's credentials."""
 
-    def __init__(self, plan: GroupPlan, metadata, deadline_s: float, max_message_bytes: int):
+    def __init__(self, plan: GroupPlan, job: str, token: str, deadline_s: float, max_message_bytes: int):
         self.plan = plan
         self.options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -157,8 +167,11 @@ class Peers:
         ]
         self.channels: dict[int, grpc.Channel] = {}
         self.stubs: dict[int, pb_grpc.SnapshotDaemonStub] = {}
+        self.block_addresses: dict[int, str] = {}
+        """Node -> host:port of its block port, learned from its Status on first use."""
         self.lock = threading.Lock()
-        self.metadata, self.deadline_s = metadata, deadline_s
+        self.metadata, self.deadline_s = call_metadata(job, token), deadline_s
+        self.credentials = {"job": job, "token": token}  # on the block port
         self.chunk = chunk_bytes(max_message_bytes)
         self.set_addresses(list(plan.peers))
 
@@ -171,6 +184,7 @@ class Peers:
                     continue
                 old = self.channels.pop(node, None)
                 self.stubs.pop(node, None)
+                self.block_addresses.pop(node, None)
                 if address_port(address) != 0:
                     self.channels[node] = grpc.insecure_channel(address, options=self.options)
                     self.stubs[node] = pb_grpc.SnapshotDaemonStub(self.channels[node])
@@ -178,18 +192,30 @@ class Peers:
                     old.close()
             self.plan.peers[:] = addresses
 
-    def put_block(self, node: int, chunks) -> None:
-        self.stubs[node].PutBlock(chunks, timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=True)
+    def _block_address(self, node: int) -> str:
+        with self.lock:
+            known = self.block_addresses.get(node)
+        if known is None:
+            status = self.stubs[node].Status(
+                pb.StatusRequest(), timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=True
+            )
+            known = f"{self.plan.peers[node].rpartition(':')[0]}:{status.block_port}"
+            with self.lock:
+                self.block_addresses[node] = known
+        return known
 
-    def get_block(self, node: int, step: int, stripe: int, parity: bool) -> tuple[bytes, dict, int] | None:
+    def put_block(self, node: int, request: dict, pieces) -> None:
+        """Send a data block to the daemon holding its stripe's parity."""
+        put_block(self._block_address(node), {**request, **self.credentials}, pieces, self.deadline_s)
+
+    def get_block(self, node: int, step: int, stripe: int, parity: bool) -> tuple[np.ndarray, dict, int] | None:
         """(bytes, meta, block_bytes) of a block a survivor holds; None if it cannot serve it."""
-        request = pb.BlockRequest(step=step, stripe=stripe, parity=parity)
+        request = {"step": step, "stripe": stripe, "parity": parity, **self.credentials}
         try:
-            chunks = list(self.stubs[node].GetBlock(request, timeout=self.deadline_s, metadata=self.metadata))
-        except grpc.RpcError:
+            data, meta = get_block(self._block_address(node), request, self.deadline_s)
+        except (grpc.RpcError, BlockRefused, OSError):
             return None
-        data = b"".join(c.data for c in chunks)
-        return data, json.loads(chunks[0].meta), chunks[0].block_bytes
+        return data, meta, data.size
 
     def whole_steps(self, node: int) -> dict[int, bool] | None:
         """Step -> committed, of the steps a daemon holds whole (committed or ready); None if unreachable."""
@@ -205,22 +231,6 @@ class Peers:
             channel.close()
 
 
-def block_chunks(step: int, stripe: int, source: int, data_reader, size: int, meta: dict, chunk: int):
-    """The BlockChunk stream of one block; `data_reader(offset, length)` supplies its bytes."""
-    meta_bytes = json.dumps(meta).encode()
-    for offset in range(0, max(size, 1), chunk):
-        length = min(chunk, size - offset)
-        yield pb.BlockChunk(
-            step=step,
-            stripe=stripe,
-            source=source,
-            block_bytes=size,
-            offset=offset,
-            data=data_reader(offset, length),
-            meta=meta_bytes if offset == 0 else b"",
-        )
-
-
 def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, progress: Encoding) -> threading.Thread:
     """Stream this node's data blocks of `step` to their parity holders, in the background,
     counting them in `progress`."""
@@ -229,11 +239,10 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, pro
         try:
             for stripe in plan.data_stripes(plan.node):
                 start, size = block_range(meta, plan.k, stripe.block_of(plan.node))
+                request = {"step": step, "stripe": stripe.index, "source": plan.node, "block_bytes": size, "meta": meta}
                 for holder in stripe.parity_nodes:
-                    chunks = block_chunks(
-                        step, stripe.index, plan.node, lambda o, n, s=start: reader(s + o, n), size, meta, peers.chunk
-                    )
-                    peers.put_block(holder, chunks)
+                    pieces = (reader(start + o, min(PIECE, size - o)) for o in range(0, size, PIECE))
+                    peers.put_block(holder, request, pieces)
                     progress.sent += 1
         except Exception as e:  # reported by Status and by a prepare that never becomes ready
             progress.error = f"{type(e).__name__}: {e}"
@@ -253,7 +262,7 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, pro
 class RebuiltShare:
     step: int
     meta: dict
-    data: bytes
+    data: memoryview
     parity: dict[int, ParityBlock]
     """Stripe -> the parity block this node holds."""
 
@@ -282,55 +291,67 @@ def newest_common_step(plan: GroupPlan, peers: Peers, lost: int) -> int:
 def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int) -> RebuiltShare:
     """Node `lost`'s share (and the parity it held) of `step`, from the other daemons."""
     n, k = lost, plan.k
-    blocks: dict[int, bytes] = {}
+    blocks: dict[int, np.ndarray] = {}
     my_meta: dict | None = None
     parity: dict[int, ParityBlock] = {}
-    for stripe in plan.stripes:
-        present, sizes, metas = _gather(plan, peers, step, stripe, lost)
-        length = max([len(b) for b in present.values()] + [0])
+    for stripe, (present, sizes, metas) in zip(plan.stripes, _gather_all(plan, peers, step, lost), strict=True):
+        length = max([b.size for b in present.values()] + [0])
         if len(present) < k:
             raise RuntimeError(f"stripe {stripe.index}: only {len(present)} of the {k} blocks needed are reachable")
         padded = {p: pad_block(b, length) for p, b in present.items()}
+        out = np.zeros(length, np.uint8)
         if n in stripe.data_nodes:
-            position = stripe.data_nodes.index(n)
-            out = np.zeros(length, np.uint8)
-            plan.code.decode(padded, {position: out})
+            plan.code.decode(padded, {stripe.data_nodes.index(n): out})
             my_meta = metas[n]
-            blocks[stripe.block_of(n)] = out[: sizes[n]].tobytes()
+            blocks[stripe.block_of(n)] = out[: sizes[n]]
         else:
             j = stripe.parity_nodes.index(n)
-            out = np.zeros(length, np.uint8)
             plan.code.decode(padded, {k + j: out})
             sources = {d: {"block_bytes": sizes[d], "received": sizes[d], "meta": metas[d]} for d in stripe.data_nodes}
             parity[stripe.index] = ParityBlock(position=j, data=out, sources=sources)
     if my_meta is None:
         raise RuntimeError(f"node {n} holds no data blocks")
-    share = b"".join(blocks[b] for b in range(k))[: my_meta["nbytes"]]
-    return RebuiltShare(step, my_meta, share, parity)
+    share = np.concatenate([blocks[b] for b in range(k)])[: my_meta["nbytes"]]
+    return RebuiltShare(step, my_meta, memoryview(share), parity)
 
 
-def _gather(plan: GroupPlan, peers: Peers, step: int, stripe: Stripe, lost: int):
-    """Blocks of `stripe` the survivors serve, by code position, with every data node's
-    block size and share description (from its own block or from a parity holder)."""
-    present: dict[int, bytes] = {}
-    sizes: dict[int, int] = {}
-    metas: dict[int, dict] = {}
-    for position, node in enumerate(stripe.data_nodes):
-        got = None if node == lost else peers.get_block(node, step, stripe.index, parity=False)
-        if got is not None:
-            present[position], metas[node], sizes[node] = got
-    for j, node in enumerate(stripe.parity_nodes):
-        got = None if node == lost else peers.get_block(node, step, stripe.index, parity=True)
-        if got is not None:
-            present[plan.k + j] = got[0]
-            for source, info in got[1]["sources"].items():
+def _gather_all(plan: GroupPlan, peers: Peers, step: int, lost: int) -> list[tuple]:
+    """Per stripe: the blocks the survivors serve, by code position, with every data node's
+    block size and share description (from its own block or from a parity holder). All
+    blocks are fetched at once: the survivors serve in parallel."""
+    requests = [
+        (stripe, position, node, parity)
+        for stripe in plan.stripes
+        for position, node, parity in _sources(plan, stripe)
+        if node != lost
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(requests), 2 * len(plan.peers)))) as pool:
+        got = list(pool.map(lambda r: peers.get_block(r[2], step, r[0].index, parity=r[3]), requests))
+    gathered = {stripe.index: ({}, {}, {}) for stripe in plan.stripes}
+    for (stripe, position, node, parity), block in zip(requests, got, strict=True):
+        if block is None:
+            continue
+        present, sizes, metas = gathered[stripe.index]
+        present[position] = block[0]
+        if parity:
+            for source, info in block[1]["sources"].items():
                 sizes.setdefault(int(source), info["block_bytes"])
                 metas.setdefault(int(source), info["meta"])
-    return present, sizes, metas
+        else:
+            metas[node], sizes[node] = block[1], block[2]
+    return [gathered[stripe.index] for stripe in plan.stripes]
 
 
-def pad_block(block: bytes, length: int) -> np.ndarray:
+def _sources(plan: GroupPlan, stripe: Stripe) -> list[tuple[int, int, bool]]:
+    """(code position, node, is parity) of every block of `stripe`."""
+    data = [(position, node, False) for position, node in enumerate(stripe.data_nodes)]
+    return data + [(plan.k + j, node, True) for j, node in enumerate(stripe.parity_nodes)]
+
+
+def pad_block(block: np.ndarray, length: int) -> np.ndarray:
     """A block as `length` bytes: missing bytes of a shorter block count as zeros in its stripe."""
+    if block.size == length:
+        return block
     out = np.zeros(length, np.uint8)
-    out[: len(block)] = np.frombuffer(block, np.uint8)
+    out[: block.size] = block
     return out

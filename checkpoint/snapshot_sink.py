@@ -11,7 +11,6 @@ as a checkpoint on disk, so that `RankState.load` serves both tiers.
 from __future__ import annotations
 
 import json
-import zlib
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from checkpoint.layout import TensorLayout, local_shape, padded_shape, tp_region
 from checkpoint.materialize import META, RNG, release
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import ALIGN, SnapshotClient
-from checkpoint.snapshot_store import attach
+from checkpoint.snapshot_store import attach, checksum, copy_checksummed
 from checkpoint.state import Piece, RankState
 
 
@@ -46,7 +45,7 @@ class SegmentSink:
 
     def begin(self) -> None:
         reply = self.client.reserve(self.step, self.rank, self.nbytes)
-        self.shm = attach(reply.segment)
+        self.shm = self.client.mapped(reply.segment)
 
     def put(self, piece: Piece) -> None:
         values = piece.local.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -56,17 +55,12 @@ class SegmentSink:
         if name not in self.offsets:
             raise ValueError(f"snapshot buffer {name!r} was not planned (the state changed shape mid-save)")
         start, nbytes = self.offsets[name], data.nbytes
-        target = self.shm.buf[start : start + nbytes]
-        target[:] = data
-        self.table.append(pb.Buffer(name=name, offset=start, nbytes=nbytes, crc32=zlib.crc32(target)))
-        target.release()
+        crc = copy_checksummed(self.shm.buf[start : start + nbytes], data)
+        self.table.append(pb.Buffer(name=name, offset=start, nbytes=nbytes, crc32c=crc))
 
     def end(self) -> None:
-        try:
-            for name, data in self.extra.items():
-                self._write(name, memoryview(data))
-        finally:
-            self.shm.close()
+        for name, data in self.extra.items():
+            self._write(name, memoryview(data))
         self.client.deliver_table(self.step, self.rank, self.table)
 
 
@@ -89,17 +83,28 @@ class SegmentReader:
     """A committed snapshot of one rank, mapped from its daemon's memory (same node).
 
     Offers CheckpointReader's read_many for the same layout: each piece is this rank's own.
+    Every buffer is checked against its checksum before its bytes are used.
     """
 
     def __init__(self, client: SnapshotClient, step: int, rank: int):
         reply = client.locate(step, rank)
+        self.step, self.rank = step, rank
         self.shm = attach(reply.segment)
         self.buffers = {b.name: (b.offset, b.nbytes) for b in reply.buffers}
+        self.checksums = {b.name: b.crc32c for b in reply.buffers}
         self.meta = json.loads(self._bytes(META))
         self.state = {**self.meta["run_state"], "layout": self.meta["layout"]}
 
-    def _bytes(self, name: str) -> bytes:
+    def _span(self, name: str) -> tuple[int, int]:
+        """Where buffer `name` lies, once its bytes passed their checksum."""
         offset, nbytes = self.buffers[name]
+        expected = self.checksums.pop(name, None)  # each buffer is checked once
+        if expected is not None and checksum(self.shm.buf[offset : offset + nbytes]) != expected:
+            raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
+        return offset, nbytes
+
+    def _bytes(self, name: str) -> bytes:
+        offset, nbytes = self._span(name)
         return bytes(self.shm.buf[offset : offset + nbytes])
 
     @property
@@ -112,7 +117,7 @@ class SegmentReader:
 
     def array(self, name: str, tp: int) -> np.ndarray:
         """A saved piece as an array over the segment (no copy)."""
-        offset, nbytes = self.buffers[name]
+        offset, nbytes = self._span(name)
         shape = local_shape(TensorLayout.from_attrs(self.meta["pieces"][name]), tp)
         return np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset).reshape(shape)
 
@@ -122,9 +127,17 @@ class SegmentReader:
         for name, _, out in items:
             if name not in self.buffers:
                 raise KeyError(f"the snapshot holds no {name}")
+            target = out.data
+            if target.dtype != torch.float32 or target.device.type != "cpu" or not target.is_contiguous():
+                offset, nbytes = self._span(name)
+                values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+                target.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
+                continue
+            # The copy and the checksum check in one pass over the bytes.
             offset, nbytes = self.buffers[name]
-            values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
-            out.data.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
+            crc = copy_checksummed(target.numpy().reshape(-1).view(np.uint8), self.shm.buf[offset : offset + nbytes])
+            if name in self.checksums and crc != self.checksums.pop(name):
+                raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
 
     def close(self) -> None:
         release(self.shm)

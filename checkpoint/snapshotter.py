@@ -242,15 +242,21 @@ class CheckpointOrder:
 
 
 class Committer:
-    """Rank 0's background thread: commits each snapshot step on every daemon once every daemon
-    is ready, then orders the checkpoint written from it if one is due. A newer step supersedes
-    a plain snapshot still waiting (only the newest matters), never one a checkpoint needs."""
+    """Rank 0's background thread: commits snapshot steps on every daemon, then orders the
+    checkpoint written from one if it was due.
+
+    It commits the newest submitted step that every daemon holds whole, skipping older ones
+    (only the newest matters), but never one a checkpoint needs. Waiting for the newest
+    step instead would never end whenever a step takes less time than a snapshot takes to
+    become whole: each would be superseded before it was ready.
+    """
 
     POLL_S = 0.01
 
     def __init__(self, clients: list[SnapshotClient]):
         self.clients = clients
-        self.queue: list[tuple[int, CheckpointOrder | None]] = []
+        self.pending: list[tuple[int, CheckpointOrder | None]] = []
+        """Submitted steps not yet committed or skipped, oldest first."""
         self.busy = False
         self.error: BaseException | None = None
         self.ordered: dict[str, int] = {}
@@ -262,43 +268,43 @@ class Committer:
 
     def submit(self, step: int, checkpoint: CheckpointOrder | None = None) -> None:
         with self.wake:
-            self.queue = [(s, c) for s, c in self.queue if c is not None]  # superseded
-            self.queue.append((step, checkpoint))
+            self.pending.append((step, checkpoint))
             self.wake.notify_all()
 
     def _run(self) -> None:
         while True:
             with self.wake:
-                while not self.queue and not self.closed:
+                while not self.pending and not self.closed:
                     self.wake.wait()
                 if self.closed:
                     return
-                step, checkpoint = self.queue[0]
+                pending = list(self.pending)
                 self.busy = True
             try:
-                if self._commit_when_ready(step, must=checkpoint is not None) and checkpoint is not None:
-                    self._order(step, checkpoint)
+                step = step_to_commit([(s, c is not None) for s, c in pending], self._whole_everywhere())
+                if step is not None:
+                    self._commit(step, dict(pending)[step])
+                else:
+                    time.sleep(self.POLL_S)
             except BaseException as e:  # surfaced by take_error() at the next snapshot
                 self.error = e
+                step = pending[-1][0]  # the run stops on the error: nothing pending is committed
             with self.wake:
-                if self.queue and self.queue[0][0] == step:
-                    self.queue.pop(0)
+                if step is not None:
+                    self.pending = [(s, c) for s, c in self.pending if s > step]
                 self.busy = False
                 self.wake.notify_all()
 
-    def _commit_when_ready(self, step: int, must: bool) -> bool:
-        """Two phases: every daemon ready, then every daemon commits. False if superseded."""
-        while not all(c.commit(step, prepare=True).ready for c in self.clients):
-            if self.closed or (not must and self._superseded(step)):
-                return False
-            time.sleep(self.POLL_S)
+    def _whole_everywhere(self) -> set[int]:
+        """Steps every daemon holds whole (ready to commit, or committed)."""
+        return set.intersection(*({s.step for s in c.list(include_ready=True)} for c in self.clients))
+
+    def _commit(self, step: int, checkpoint: CheckpointOrder | None) -> None:
+        """The second phase: every daemon holds `step` whole, so every daemon commits it."""
         for client in self.clients:
             client.commit(step)
-        return True
-
-    def _superseded(self, step: int) -> bool:
-        with self.wake:
-            return any(s > step for s, _ in self.queue)
+        if checkpoint is not None:
+            self._order(step, checkpoint)
 
     def _order(self, step: int, order: CheckpointOrder) -> None:
         request = pb.MaterializeRequest(
@@ -337,10 +343,10 @@ class Committer:
         return error
 
     def drain(self, timeout_s: float) -> None:
-        """Wait until every submitted step is committed (or failed: see take_error)."""
+        """Wait until every submitted step is committed or skipped (or failed: see take_error)."""
         deadline = time.monotonic() + timeout_s
         with self.wake:
-            while self.queue or self.busy:
+            while self.pending or self.busy:
                 if not self.wake.wait(timeout=max(0.0, deadline - time.monotonic())):
                     self.error = self.error or TimeoutError(f"snapshots were not committed in {timeout_s:.0f} s")
                     return
@@ -352,6 +358,19 @@ class Committer:
         self.thread.join(timeout=5)
         for client in self.clients:
             client.close()
+
+
+def step_to_commit(pending: list[tuple[int, bool]], whole: set[int]) -> int | None:
+    """Which of the `pending` steps (oldest first; True: a checkpoint is written from it) to
+    commit now: the newest that every daemon holds `whole`, but none past the oldest that a
+    checkpoint needs, since committing a step drops the uncommitted steps before it."""
+    candidates = []
+    for step, needed in pending:
+        candidates.append(step)
+        if needed:
+            break
+    ready = [step for step in candidates if step in whole]
+    return max(ready) if ready else None
 
 
 def _describe(error: BaseException) -> str:

@@ -244,7 +244,7 @@ def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: Para
             _ensure_distributed_state(inner)
             owned = [(model_param, by_param[model_param]) for model_param in _owned_params(inner)]
             pieces = {
-                (model_param, key): torch.zeros(model_param.shape, dtype=torch.float32, device=dims.device)
+                (model_param, key): torch.empty(model_param.shape, dtype=torch.float32, device=dims.device)
                 for model_param, _ in owned
                 for key in keys
             }
@@ -260,7 +260,7 @@ def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: Para
                 p = by_param[model_param]
                 state = inner.optimizer.state.setdefault(main, {})
                 for key in keys:
-                    target = main if key == "param" else state.setdefault(key, torch.zeros_like(main))
+                    target = main if key == "param" else state.setdefault(key, torch.empty_like(main))
                     items.append((f"optim/{key}/{p.name}", p.layout, target))
                 state["step"] = torch.tensor(float(step))
             reader.read_many(items, dims.tp_rank, dims.tp)

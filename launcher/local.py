@@ -177,6 +177,7 @@ class LocalDaemons:
             write_token(token_file)  # a fresh secret for every job
             job = f"{run_dir.resolve().name}-{os.getpid()}"
         self.config_path, self.overrides, self.run_dir, self.parity = config_path, overrides, run_dir, parity
+        self.job = job
         per_node = nproc // nodes
         self.processes: list[subprocess.Popen] = []
         self.record: Path | None = None
@@ -244,8 +245,11 @@ class LocalDaemons:
         lost than the parity covers, the new ranks find no snapshot and resume from disk."""
         from checkpoint.daemon import read_token
         from checkpoint.snapshot_client import SnapshotClient
+        from checkpoint.snapshot_store import unlink_segments
         from checkpoint.snapshotter import RESTORE_FROM, RESTORE_STEP
 
+        for node in lost:  # the node's memory is gone with it (and the new group reuses its index)
+            unlink_segments(self.job, node)
         survivors = [n for n in range(len(self.processes)) if n not in lost]
         restore: dict[str, str] = {}
         if survivors and len(lost) <= self.parity:
@@ -291,17 +295,21 @@ class LocalDaemons:
         return max(steps) if steps else None
 
     def stop(self) -> None:
+        """Stop every daemon; free what one that was killed left in shared memory."""
+        from checkpoint.snapshot_store import unlink_segments
+
         if self.record is not None:
             self.record.unlink(missing_ok=True)
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes:
+        for node, process in enumerate(self.processes):
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            unlink_segments(self.job, node)  # nothing, after a daemon that stopped cleanly
 
 
 class DaemonStartFailed(RuntimeError):
@@ -360,7 +368,9 @@ def launch_local(config: Config, config_path: str, overrides: list[str], nproc: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for group in [*retired, *([daemons] if daemons else [])]:
+        # The newest group first: an older one shares its job and node indices, and stopping
+        # it frees the segments its killed daemons left under those names.
+        for group in [*([daemons] if daemons else []), *reversed(retired)]:
             group.stop()
     if code == EXIT_CRASHED and len(current) > 1:
         code = EXIT_GAVE_UP

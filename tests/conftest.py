@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,18 +91,66 @@ def rank_env(nproc: int) -> dict:
     return env
 
 
+class Started:
+    """A command running in its own session (a timeout kills it with all its children), its
+    output going to temporary files: a pipe that nobody reads while a test waits fills up, and
+    then every process writing to it stops."""
+
+    def __init__(self, command: list, env: dict | None = None, cwd=None, merge_output: bool = False):
+        self.command = [str(part) for part in command]
+        self._out = tempfile.TemporaryFile()
+        self._err = self._out if merge_output else tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            self.command, stdout=self._out, stderr=self._err, env=env, cwd=cwd, start_new_session=True
+        )
+        self.dump_stacks_signal: int | None = None  # asks the process to print its stacks before a kill
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def output(self) -> tuple[str, str]:
+        """What it printed so far (read without moving the offset that the process writes at)."""
+        return _read_all(self._out), "" if self._err is self._out else _read_all(self._err)
+
+    def kill(self) -> None:
+        """SIGKILL to its session: the process and every child it left."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def fail(self, reason: str):
+        """Kill it and fail the test with `reason` and the ends of what it printed."""
+        if self.dump_stacks_signal is not None and self.poll() is None:
+            os.kill(self.pid, self.dump_stacks_signal)
+            time.sleep(5)
+        self.kill()
+        out, err = self.output()
+        pytest.fail(f"{reason}\n{' '.join(self.command)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-12000:]}")
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Its exit code and output once it ends; kill it and fail after `timeout` seconds."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"did not end in {timeout} s")
+        return (self.process.returncode, *self.output())
+
+
+def _read_all(file) -> str:
+    fd = file.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
 def run_command(command: list[str], timeout: float, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group and fail."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    code, stdout, stderr = Started(command, env, cwd).finish(timeout)
+    return subprocess.CompletedProcess(command, code, stdout, stderr)
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -109,27 +159,11 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Co
     return run_command(command, timeout, env=rank_env(nproc), cwd=REPO)
 
 
-def start_stalwart_run(config: Path, *overrides: str, nodes: int = 1, ranks: int = 2) -> subprocess.Popen:
-    """`stalwart run CONFIG --nodes N --set ...` in its own session, left running (see finish())."""
+def start_stalwart_run(config: Path, *overrides: str, nodes: int = 1, ranks: int = 2) -> Started:
+    """`stalwart run CONFIG --nodes N --set ...`, left running; a failure first has the ranks
+    print their stacks (the launcher passes SIGUSR2 on to them)."""
     command = [sys.executable, "-m", "launcher.cli", "run", str(config), "--nodes", str(nodes)]
     command += [f"--set={o}" for o in overrides]
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=rank_env(ranks),
-        cwd=REPO,
-        start_new_session=True,  # a timeout kills the launcher, its ranks and daemons together
-    )
-
-
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    """Wait for a process started by start_stalwart_run(); on timeout kill its session and fail."""
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"the run did not end in {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
-    return process.returncode, out, err
+    run = Started(command, env=rank_env(ranks), cwd=REPO)
+    run.dump_stacks_signal = signal.SIGUSR2
+    return run

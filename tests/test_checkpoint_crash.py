@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -27,7 +26,7 @@ import zarr
 from checkpoint.engine import CheckpointEngine
 from checkpoint.universal import CheckpointError, completeness_problem, find_resume_checkpoint
 from checkpoint.writer import STAGING, WRITER_PHASE, CreateArrays, FinishStep, Phase
-from tests.conftest import REPO, rank_env, write_tiny_config
+from tests.conftest import REPO, Started, rank_env, write_tiny_config
 
 JOB_MARKER = "STALWART_TEST_JOB"
 """Set in a job's environment, which its ranks and their writers inherit: it tells this job's
@@ -72,19 +71,11 @@ def environment(pid: int) -> dict[str, str]:
     return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
-def start_job(config: Path, marker: str) -> subprocess.Popen:
+def start_job(config: Path, marker: str) -> Started:
     """Two ranks of `python -m trainer CONFIG` under torchrun, in their own session, output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     command += ["-m", "trainer", str(config)]
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env={**rank_env(2), JOB_MARKER: marker},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return Started(command, env={**rank_env(2), JOB_MARKER: marker}, cwd=REPO, merge_output=True)
 
 
 def assert_latest_is_complete(ckpt_dir: Path) -> int | None:
@@ -159,7 +150,7 @@ KILLS = [
 TRIALS = 2 * len(KILLS)
 
 
-def job_processes(job: subprocess.Popen) -> list[Process]:
+def job_processes(job: Started) -> list[Process]:
     """The trainers and writers of a running job, each with a view of its rank's ring header."""
     found = []
     for pid, cmd in descendants(job.pid):
@@ -172,7 +163,7 @@ def job_processes(job: subprocess.Popen) -> list[Process]:
     return found
 
 
-def kill_in_phase(job: subprocess.Popen, kill: Kill, rng: random.Random, timeout: float) -> None:
+def kill_in_phase(job: Started, kill: Kill, rng: random.Random, timeout: float) -> None:
     """Poll the rings until `kill.watched` is in its phase, freeze it (and the victim), confirm
     the phase while nothing can move, then SIGKILL the victim and let the watched one go on."""
     processes = job_processes(job)
@@ -180,7 +171,7 @@ def kill_in_phase(job: subprocess.Popen, kill: Kill, rng: random.Random, timeout
     assert ranks, f"no process of rank {kill.rank}: {processes}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert job.poll() is None, job.stdout.read()[-3000:]
+        assert job.poll() is None, job.output()[0][-3000:]
         rank = rng.choice(ranks)
         watched, victim = (
             next(p for p in processes if p.rank == rank and p.role == r) for r in (kill.watched, kill.victim)
@@ -229,19 +220,11 @@ def test_sigkill_in_every_phase_of_a_save_never_exposes_an_incomplete_checkpoint
             time.sleep(rng.uniform(0.0, 1.0))  # a random save, not always the second
             kill_in_phase(job, kill, rng, timeout=600)
             killed.append(kill.name)
-            try:
-                output, _ = job.communicate(timeout=300)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                pytest.fail(
-                    f"trial {trial}: the job did not stop within 300 s of a {kill.name}:\n"
-                    + job.communicate()[0][-4000:]
-                )
+            code, output, _ = job.finish(timeout=300)
         finally:
             if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
-        assert job.returncode != 0, f"the job must fail when a {kill.victim} is killed"
+                job.kill()
+        assert code != 0, f"the job must fail when a {kill.victim} is killed"
         if before is not None:
             resumed = re.search(r"restored step (\d+) from disk \(\S+/step_(\d+),", output)
             assert resumed and int(resumed.group(1)) == int(resumed.group(2)) == before, output[-2000:]
@@ -271,7 +254,7 @@ def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: flo
         found = find_resume_checkpoint(ckpt_dir) if (ckpt_dir / "latest").exists() else None
         if found is not None and found.step != before:
             return
-        assert job.poll() is None, job.stdout.read()[-3000:]
+        assert job.poll() is None, job.output()[0][-3000:]
         time.sleep(0.05)
     pytest.fail("no checkpoint was committed in time")
 
@@ -305,12 +288,11 @@ def test_a_writer_lost_mid_training_stops_every_rank_with_its_message(crash_conf
         victim = [pid for pid, cmd in descendants(job.pid) if "checkpoint.writer" in cmd and _rank_of(pid) == 1]
         assert len(victim) == 1, descendants(job.pid)
         os.kill(victim[0], signal.SIGKILL)
-        output, _ = job.communicate(timeout=300)
+        code, output, _ = job.finish(timeout=300)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode != 0
+            job.kill()
+    assert code != 0
     message = "stalwart: error: the checkpoint writer process died [rank 1]"
     assert output.count(message) == 2, output[-3000:]  # the same line from each rank
     assert assert_latest_is_complete(ckpt_dir) is not None

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from checkpoint.daemon import write_token
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
-from checkpoint.snapshot_store import attach
+from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, attach, checksum
 from tests.conftest import REPO, rank_env
 
 START_TIMEOUT_S = 120
@@ -34,12 +34,24 @@ def unique_job() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
 
 
-def segments_of(job: str, step: int | None = None, rank: int | None = None) -> list[str]:
-    """The /dev/shm segments the daemons of `job` hold (of `step` and `rank`, if given)."""
-    any_number = r"\d+"
-    step_part, rank_part = (any_number if x is None else str(x) for x in (step, rank))
-    pattern = rf"stalwart-{re.escape(job)}-n\d+-s{step_part}-r{rank_part}-[0-9a-f]{{8}}"
+def segments_of(job: str) -> list[str]:
+    """The /dev/shm segments the daemons of `job` hold."""
+    pattern = rf"stalwart-{re.escape(job)}-n\d+-r\d+-[0-9a-f]{{8}}"
     return sorted(name for name in os.listdir("/dev/shm") if re.fullmatch(pattern, name))
+
+
+def segment_of(client: SnapshotClient, step: int, rank: int) -> str:
+    """The segment holding `rank`'s buffers of `step`, as the daemon reports it."""
+    state = step_state(client, step)
+    return state.segments[list(state.reserved_ranks).index(rank)]
+
+
+def assert_no_segment_leaked(client: SnapshotClient, job: str, local_ranks: int = 2) -> None:
+    """/dev/shm holds the committed step's segments and at most one spare per local rank."""
+    [held] = client.list()
+    committed = {segment_of(client, held.step, rank) for rank in held.ranks}
+    assert committed <= set(segments_of(job)), "a committed segment is gone"
+    assert len(segments_of(job)) <= len(committed) + local_ranks, f"leaked: {segments_of(job)}"
 
 
 def wait_for(condition, what: str, timeout_s: float = 300):
@@ -190,6 +202,35 @@ def test_a_delivery_past_the_memory_limit_is_refused_and_nothing_is_lost(daemon)
     assert daemon.process.poll() is None
 
 
+def test_dropped_segments_serve_later_steps_and_give_way_to_the_memory_limit():
+    """A step's segments, once superseded, are the next steps' (no fresh pages to fault in);
+    at most one per local rank waits, and waiting ones are freed before a reservation is refused."""
+    job, page = unique_job(), 4096
+    store = SnapshotStore(job, 0, [0, 1], memory_limit=6 * page)
+    try:
+        names = {}
+        for step in range(1, 6):
+            for rank in (0, 1):
+                names[step, rank] = store.reserve(step, rank, page)
+                value = np.full(page, step * 10 + rank, np.uint8)
+                store.steps[step].segments[rank].shm.buf[:page] = value.tobytes()  # as a rank would
+                store.deliver(step, rank, [BufferInfo("x", 0, page, checksum(value))])
+            store.commit(step)
+            assert len(segments_of(job)) <= 4  # the committed step's two and at most two spares
+        assert {names[5, 0], names[5, 1]} <= {names[s, r] for s in (1, 2, 3) for r in (0, 1)}
+        assert store.verify(5) == []
+        # 4 pages in use (step 5, two spares) of 6: 3 more fit once one spare is freed ...
+        store.reserve(6, 0, 3 * page)
+        assert len(segments_of(job)) == 4
+        # ... and 3 more again do not, even without the other spare, which is freed trying.
+        with pytest.raises(SnapshotError, match="would pass this daemon's memory limit"):
+            store.reserve(6, 1, 3 * page)
+        assert len(segments_of(job)) == 3
+    finally:
+        store.close()
+    assert segments_of(job) == []
+
+
 def test_bad_requests_get_a_status_naming_the_problem(daemon):
     client = daemon.client()
     cases = [
@@ -210,9 +251,15 @@ def test_bad_requests_get_a_status_naming_the_problem(daemon):
     overlapping = [pb.Buffer(name="a", offset=0, nbytes=64), pb.Buffer(name="b", offset=32, nbytes=64)]
     with pytest.raises(grpc.RpcError, match="overlap"):
         client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=overlapping))
-    wrong_crc = [pb.Buffer(name="a", offset=0, nbytes=64, crc32=1)]
-    with pytest.raises(grpc.RpcError, match="checksum mismatch"):
-        client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=wrong_crc))
+    # Checksums are checked where the bytes are used, not on delivery: verify and fetch.
+    wrong_crc = [pb.Buffer(name="a", offset=0, nbytes=64, crc32c=1)]
+    client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=wrong_crc))
+    client.deliver(8, 1, {"a": bytes(64)})
+    assert client.commit(8).committed
+    assert list(client.verify(8).problems) == ["step 8 rank 0 buffer 'a': checksum mismatch"]
+    with pytest.raises(ValueError, match="buffer 'a' of rank 0, step 8: checksum mismatch"):
+        client.fetch(8, 0)
+    assert client.fetch(8, 1) == {"a": bytes(64)}
 
 
 def test_calls_without_the_jobs_token_are_refused_and_the_daemon_keeps_serving(daemon):
@@ -433,8 +480,7 @@ class KillTrials:
         return step_state(self.client, step) or pb.StepState(step=step)
 
     def segment(self, step: int, rank: int) -> str:
-        [name] = segments_of(self.daemon.job, step, rank)
-        return name
+        return segment_of(self.client, step, rank)
 
     @staticmethod
     def copied(shm, rank: int, step: int, offset: int) -> bool:
@@ -497,8 +543,7 @@ def test_ranks_killed_while_delivering_200_mb_never_expose_a_half_delivered_step
         for kind in KILL_PLAN:
             trials.run(kind)
         assert len(trials.survivors) == KILL_PLAN.count(ONE_MID_COPY) + KILL_PLAN.count(ONE_DELIVERED)
-        assert segments_of(daemon.job) == segments_of(daemon.job, trials.committed), "half-written segments leaked"
-        assert len(segments_of(daemon.job)) == 2
+        assert_no_segment_leaked(trials.client, daemon.job)
         assert trials.client.status().memory_used == trials.client.list()[0].nbytes
     finally:
         trials.kill_all()
@@ -557,8 +602,7 @@ def _random_request(rng: random.Random) -> tuple[str, bytes]:
         ("Status", pb.StatusRequest()),
         ("Rebuild", pb.RebuildRequest()),
         ("SetPeers", pb.SetPeersRequest(peers=rng.choice([[], ["127.0.0.1:1"], ["x", "127.0.0.1:0"]]))),
-        ("GetBlock", pb.BlockRequest(step=step, stripe=rank)),
-        ("PutBlock", pb.BlockChunk(step=step, stripe=rank, data=rng.randbytes(16))),
+        ("Fetch", pb.FetchRequest(step=step, rank=rank)),
     ]
     method, message = rng.choice(messages)
     payload = message.SerializeToString()
@@ -587,7 +631,7 @@ def test_a_thousand_random_and_mutated_requests_neither_crash_nor_leak(daemon):
     client = daemon.client()
     rng = random.Random(20261123)
     service = "/stalwart.snapshot.v1.SnapshotDaemon/"
-    streaming = {"Fetch", "GetBlock"}
+    streaming = {"Fetch"}
 
     def fire(count: int) -> None:
         for _ in range(count):
@@ -595,9 +639,7 @@ def test_a_thousand_random_and_mutated_requests_neither_crash_nor_leak(daemon):
             metadata = client.metadata if rng.random() < 0.9 else ()
             options = {"timeout": FUZZ_DEADLINE_S, "metadata": metadata}
             try:
-                if method == "PutBlock":
-                    client.channel.stream_unary(service + method)(iter([payload]), **options)
-                elif method in streaming:
+                if method in streaming:
                     list(client.channel.unary_stream(service + method)(payload, **options))
                 else:
                     client.channel.unary_unary(service + method)(payload, **options)
@@ -614,5 +656,5 @@ def test_a_thousand_random_and_mutated_requests_neither_crash_nor_leak(daemon):
     assert client.commit(100).committed
     [held] = client.list()
     assert client.status().memory_used == held.nbytes, "fuzzed reservations were not all freed"
-    assert segments_of(daemon.job) == segments_of(daemon.job, 100) and len(segments_of(daemon.job)) == 2
+    assert_no_segment_leaked(client, daemon.job)
     assert _rss_kb(daemon.process.pid) - rss < 30_000, "the daemon's memory grew over 1,000 requests"

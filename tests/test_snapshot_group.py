@@ -14,7 +14,7 @@ from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import commit_group
 from checkpoint.snapshot_group import GroupPlan
 from tests.conftest import REPO, rank_env
-from tests.test_snapshot_daemon import Daemon, buffers_of, segments_of, step_state, unique_job, wait_for
+from tests.test_snapshot_daemon import Daemon, buffers_of, segment_of, step_state, unique_job, wait_for
 
 UNKNOWN = "127.0.0.1:0"
 """A peer's address before it is known: every daemon binds port 0 and prints the port it got."""
@@ -127,6 +127,49 @@ def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, pari
                 group.expect_held(node, 2, 1 << 18)
         group.deliver_and_commit(3, 1 << 18)  # the rebuilt daemons hold parity again
         assert all([s.step for s in d.client().list()] == [3] for d in group.daemons)
+    finally:
+        group.stop()
+
+
+def test_the_block_port_refuses_strangers_and_garbage_and_keeps_serving(tmp_path):
+    """The blocks travel on a plain TCP port: it must hold to the same job token as gRPC,
+    answer garbage with a refusal, and serve the group afterwards as before."""
+    import socket
+    import struct
+
+    from checkpoint.block_transport import BlockRefused, get_block, read_frame
+    from checkpoint.erasure import stripes
+
+    group = Group(tmp_path, 3, 1)
+    own = next(s.index for s in stripes(3, 1) if 0 in s.data_nodes)  # a stripe node 0 holds data of
+    try:
+        group.deliver_and_commit(1, 1 << 16)
+        client = group.daemons[0].client()
+        address = f"127.0.0.1:{client.status().block_port}"
+        good = {"step": 1, "stripe": own, "parity": False, "job": group.job, "token": client.token}
+        refusals = [
+            ({**good, "token": "x" * 64}, "unauthenticated"),
+            ({**good, "job": "another-job"}, "permission"),
+            ({**good, "stripe": 99}, "invalid"),
+            ({**good, "step": 7}, "not_found"),
+        ]
+        for request, kind in refusals:
+            with pytest.raises(BlockRefused) as refused:
+                get_block(address, request, timeout_s=30)
+            assert refused.value.kind == kind, str(refused.value)
+        for garbage in (b"\xff\xff\xff\xff", struct.pack("!I", 5) + b"[1,2]", b"", struct.pack("!I", 100) + b"{"):
+            with socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=30) as conn:
+                conn.sendall(garbage)
+                conn.shutdown(socket.SHUT_WR)
+                try:
+                    assert read_frame(conn)["ok"] is False
+                except ConnectionError:
+                    pass  # a frame cut short: the daemon closed without an answer
+        data, meta = get_block(address, good, timeout_s=30)
+        assert data.size > 0 and meta["segments"][0]["rank"] == 0
+        group.kill(1)  # and a rebuild still gathers its blocks
+        assert group.replace(1).client().rebuild().step == 1
+        group.expect_held(1, 1, 1 << 16)
     finally:
         group.stop()
 
@@ -253,7 +296,7 @@ def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
             for name, value in buffers_of(5, 1, (1 << 16) + 4096 * 5).items():
                 assert saved[name].tobytes() == value.tobytes()
         # A flipped byte in node 2's memory: verify names it and exits 1.
-        [segment] = segments_of(group.job, step=1, rank=4)
+        segment = segment_of(group.daemons[2].client(), step=1, rank=4)
         flip_byte(f"/dev/shm/{segment}", 100)
         code, rows = stalwart("verify", "1")
         assert code == 1 and any("rank 4" in p and "checksum mismatch" in p for p in rows[0]["problems"]), rows

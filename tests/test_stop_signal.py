@@ -5,11 +5,8 @@ import os
 import signal
 import time
 
-import pytest
-
 from checkpoint.commands import verify_checkpoint
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import finish as finish_run
 from tests.conftest import start_stalwart_run, write_tiny_config
 from trainer.errors import EXIT_REQUEUE
 from trainer.metrics import read_metrics
@@ -23,8 +20,8 @@ def start_run(config, *overrides):
     return start_stalwart_run(config, *overrides, nodes=1, ranks=2)
 
 
-def finish(process):
-    return finish_run(process, TIMEOUT_S)
+def finish(run):
+    return run.finish(TIMEOUT_S)
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
@@ -42,11 +39,11 @@ def wait_for_step(metrics, step, process):
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the run ended early: {process.communicate()}")
+            process.fail(f"the run ended early (exit code {process.poll()})")
         if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
             return
         time.sleep(0.1)
-    pytest.fail(f"step {step} not reached in {TIMEOUT_S} s")
+    process.fail(f"step {step} not reached in {TIMEOUT_S} s")
 
 
 def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_saves_and_resumes_bit_exactly(tmp_path, small_dataset):

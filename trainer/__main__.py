@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 
 from checkpoint.universal import CheckpointError
@@ -19,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    # `kill -USR2 LAUNCHER`: every rank prints where each of its threads is (for a run that hangs).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     quiet_megatron_fallback_warnings()
     trainer = None
     try:

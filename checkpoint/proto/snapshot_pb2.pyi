@@ -23,16 +23,16 @@ PHASE_READY: Phase
 PHASE_COMMITTED: Phase
 
 class Buffer(_message.Message):
-    __slots__ = ("name", "offset", "nbytes", "crc32")
+    __slots__ = ("name", "offset", "nbytes", "crc32c")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     nbytes: int
-    crc32: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("step", "rank", "nbytes")
@@ -171,7 +171,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots", "steps", "peers", "materializations")
+    __slots__ = ("job", "node", "memory_used", "memory_limit", "expected_ranks", "snapshots", "steps", "peers", "materializations", "block_port")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class StatusReply(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     MATERIALIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_PORT_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: int
     memory_used: int
@@ -190,7 +191,8 @@ class StatusReply(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[StepState]
     peers: _containers.RepeatedScalarFieldContainer[str]
     materializations: _containers.RepeatedCompositeFieldContainer[Materialization]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., materializations: _Optional[_Iterable[_Union[Materialization, _Mapping]]] = ...) -> None: ...
+    block_port: int
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., expected_ranks: _Optional[_Iterable[int]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., materializations: _Optional[_Iterable[_Union[Materialization, _Mapping]]] = ..., block_port: _Optional[int] = ...) -> None: ...
 
 class MaterializeRequest(_message.Message):
     __slots__ = ("step", "root", "writer_token", "world_size", "keep", "keep_every", "timeout_s")
@@ -227,7 +229,7 @@ class Materialization(_message.Message):
     def __init__(self, step: _Optional[int] = ..., root: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StepState(_message.Message):
-    __slots__ = ("step", "phase", "reserved_ranks", "delivered_ranks", "blocks_sent", "blocks_to_send", "missing_stripes", "encode_error")
+    __slots__ = ("step", "phase", "reserved_ranks", "delivered_ranks", "blocks_sent", "blocks_to_send", "missing_stripes", "encode_error", "segments")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     RESERVED_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +238,7 @@ class StepState(_message.Message):
     BLOCKS_TO_SEND_FIELD_NUMBER: _ClassVar[int]
     MISSING_STRIPES_FIELD_NUMBER: _ClassVar[int]
     ENCODE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     phase: Phase
     reserved_ranks: _containers.RepeatedScalarFieldContainer[int]
@@ -244,7 +247,8 @@ class StepState(_message.Message):
     blocks_to_send: int
     missing_stripes: _containers.RepeatedScalarFieldContainer[int]
     encode_error: str
-    def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reserved_ranks: _Optional[_Iterable[int]] = ..., delivered_ranks: _Optional[_Iterable[int]] = ..., blocks_sent: _Optional[int] = ..., blocks_to_send: _Optional[int] = ..., missing_stripes: _Optional[_Iterable[int]] = ..., encode_error: _Optional[str] = ...) -> None: ...
+    segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reserved_ranks: _Optional[_Iterable[int]] = ..., delivered_ranks: _Optional[_Iterable[int]] = ..., blocks_sent: _Optional[int] = ..., blocks_to_send: _Optional[int] = ..., missing_stripes: _Optional[_Iterable[int]] = ..., encode_error: _Optional[str] = ..., segments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetPeersRequest(_message.Message):
     __slots__ = ("peers",)
@@ -269,35 +273,3 @@ class RebuildReply(_message.Message):
     step: int
     nbytes: int
     def __init__(self, step: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
-
-class BlockChunk(_message.Message):
-    __slots__ = ("step", "stripe", "source", "block_bytes", "offset", "data", "meta")
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    STRIPE_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    META_FIELD_NUMBER: _ClassVar[int]
-    step: int
-    stripe: int
-    source: int
-    block_bytes: int
-    offset: int
-    data: bytes
-    meta: bytes
-    def __init__(self, step: _Optional[int] = ..., stripe: _Optional[int] = ..., source: _Optional[int] = ..., block_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., meta: _Optional[bytes] = ...) -> None: ...
-
-class PutBlockReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class BlockRequest(_message.Message):
-    __slots__ = ("step", "stripe", "parity")
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    STRIPE_FIELD_NUMBER: _ClassVar[int]
-    PARITY_FIELD_NUMBER: _ClassVar[int]
-    step: int
-    stripe: int
-    parity: bool
-    def __init__(self, step: _Optional[int] = ..., stripe: _Optional[int] = ..., parity: _Optional[bool] = ...) -> None: ...

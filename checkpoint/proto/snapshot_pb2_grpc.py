@@ -94,16 +94,6 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
                 _registered_method=True)
-        self.PutBlock = channel.stream_unary(
-                '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
-                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
-                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.FromString,
-                _registered_method=True)
-        self.GetBlock = channel.unary_stream(
-                '/stalwart.snapshot.v1.SnapshotDaemon/GetBlock',
-                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.SerializeToString,
-                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
-                _registered_method=True)
 
 
 class SnapshotDaemonServicer:
@@ -202,20 +192,6 @@ class SnapshotDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutBlock(self, request_iterator, context):
-        """Between the daemons of a node group: a data block of a share streamed to the node that
-        holds the stripe's parity, and any block served back for a rebuild.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetBlock(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_SnapshotDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,16 +254,6 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.Materialize,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.SerializeToString,
-            ),
-            'PutBlock': grpc.stream_unary_rpc_method_handler(
-                    servicer.PutBlock,
-                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
-                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.SerializeToString,
-            ),
-            'GetBlock': grpc.unary_stream_rpc_method_handler(
-                    servicer.GetBlock,
-                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.FromString,
-                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,60 +580,6 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/Materialize',
             checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PutBlock(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/stalwart.snapshot.v1.SnapshotDaemon/PutBlock',
-            checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.SerializeToString,
-            checkpoint_dot_proto_dot_snapshot__pb2.PutBlockReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetBlock(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/stalwart.snapshot.v1.SnapshotDaemon/GetBlock',
-            checkpoint_dot_proto_dot_snapshot__pb2.BlockRequest.SerializeToString,
-            checkpoint_dot_proto_dot_snapshot__pb2.BlockChunk.FromString,
             options,
             channel_credentials,
             insecure,
