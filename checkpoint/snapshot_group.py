@@ -167,8 +167,6 @@ class Peers:
         ]
         self.channels: dict[int, grpc.Channel] = {}
         self.stubs: dict[int, pb_grpc.SnapshotDaemonStub] = {}
-        self.block_addresses: dict[int, str] = {}
-        """Node -> host:port of its block port, learned from its Status on first use."""
         self.lock = threading.Lock()
         self.metadata, self.deadline_s = call_metadata(job, token), deadline_s
         self.credentials = {"job": job, "token": token}  # on the block port
@@ -184,7 +182,6 @@ class Peers:
                     continue
                 old = self.channels.pop(node, None)
                 self.stubs.pop(node, None)
-                self.block_addresses.pop(node, None)
                 if address_port(address) != 0:
                     self.channels[node] = grpc.insecure_channel(address, options=self.options)
                     self.stubs[node] = pb_grpc.SnapshotDaemonStub(self.channels[node])
@@ -192,27 +189,24 @@ class Peers:
                     old.close()
             self.plan.peers[:] = addresses
 
-    def _block_address(self, node: int) -> str:
-        with self.lock:
-            known = self.block_addresses.get(node)
-        if known is None:
-            status = self.stubs[node].Status(
-                pb.StatusRequest(), timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=True
-            )
-            known = f"{self.plan.peers[node].rpartition(':')[0]}:{status.block_port}"
-            with self.lock:
-                self.block_addresses[node] = known
-        return known
+    def _block_address(self, node: int, wait: bool) -> str:
+        """host:port of a daemon's block port, asked anew each time (a replacement at the same
+        address has another block port). `wait`: for a daemon that is not reachable yet, up to
+        the deadline; else an unreachable daemon fails at once (a rebuild asks lost ones too)."""
+        status = self.stubs[node].Status(
+            pb.StatusRequest(), timeout=self.deadline_s, metadata=self.metadata, wait_for_ready=wait
+        )
+        return f"{self.plan.peers[node].rpartition(':')[0]}:{status.block_port}"
 
     def put_block(self, node: int, request: dict, pieces) -> None:
         """Send a data block to the daemon holding its stripe's parity."""
-        put_block(self._block_address(node), {**request, **self.credentials}, pieces, self.deadline_s)
+        put_block(self._block_address(node, wait=True), {**request, **self.credentials}, pieces, self.deadline_s)
 
     def get_block(self, node: int, step: int, stripe: int, parity: bool) -> tuple[np.ndarray, dict, int] | None:
         """(bytes, meta, block_bytes) of a block a survivor holds; None if it cannot serve it."""
         request = {"step": step, "stripe": stripe, "parity": parity, **self.credentials}
         try:
-            data, meta = get_block(self._block_address(node), request, self.deadline_s)
+            data, meta = get_block(self._block_address(node, wait=False), request, self.deadline_s)
         except (grpc.RpcError, BlockRefused, OSError):
             return None
         return data, meta, data.size
