@@ -230,9 +230,18 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             segments=[
                 (rank, name, {b.name: (b.offset, b.nbytes) for b in buffers}) for rank, name, buffers in segments
             ],
+            **self._group_credentials(),
         )
         self.materializations.start(job, lambda: self.store.unpin(request.step))
         return pb.MaterializeReply()
+
+    def _group_credentials(self) -> dict:
+        """What a checkpoint writer needs to fetch shards from the group's other daemons."""
+        if self.peers is None:
+            return {}
+        plan, credentials = self.peers.plan, self.peers.credentials
+        others = [a for node, a in enumerate(plan.peers) if node != plan.node]
+        return {"peers": others, "job_id": credentials["job"], "job_token": credentials["token"]}
 
     @_mapped
     def List(self, request, context):
@@ -246,16 +255,23 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Fetch(self, request, context):
         try:
             _, buffers = self.store.locate(request.step, request.rank)
-            size = self.store.segment_size(request.step, request.rank)
         except SnapshotError as e:
             context.abort(_STATUS[e.kind], str(e))
+        if request.names:
+            missing = set(request.names) - {b.name for b in buffers}
+            if missing:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"rank {request.rank} holds no buffer {sorted(missing)[0]!r}")
+            buffers = [b for b in buffers if b.name in set(request.names)]
+        buffers = sorted(buffers, key=lambda b: b.offset)
         yield pb.DataChunk(offset=0, data=b"", buffers=[_buffer(b) for b in buffers])
-        for offset in range(0, size, self.chunk):
-            try:
-                data = self.store.read(request.step, request.rank, offset, self.chunk)
-            except SnapshotError as e:  # dropped while being read
-                context.abort(_STATUS[e.kind], str(e))
-            yield pb.DataChunk(offset=offset, data=data)
+        for b in buffers:  # each buffer in order, in chunks
+            end = b.offset + b.nbytes
+            for offset in range(b.offset, end, self.chunk):
+                try:
+                    data = self.store.read(request.step, request.rank, offset, min(self.chunk, end - offset))
+                except SnapshotError as e:  # dropped while being read
+                    context.abort(_STATUS[e.kind], str(e))
+                yield pb.DataChunk(offset=offset, data=data)
 
     @_mapped
     def Verify(self, request, context):

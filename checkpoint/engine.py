@@ -88,6 +88,24 @@ class Sink(Protocol):
         """After the last piece: the save is handed over."""
 
 
+class BlockedTime:
+    """Seconds the training loop spent in a saver's calls (handing over, waiting for a copy)
+    since it last asked: `with blocked: ...`, then `blocked.take()` once a step."""
+
+    def __init__(self):
+        self.seconds, self._start = 0.0, 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class StagingThread:
     """Copies a save's pieces into a sink in the background, one save at a time.
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 Region = tuple[slice, ...]
 
 PADDING_SUFFIX = ".vocab_padding"
@@ -172,3 +174,19 @@ def chunks_of(name: str, layout: TensorLayout, local, tp_rank: int, tp: int):
     for array, array_chunks, pair in pairs:
         for global_region, local_region in split_rows(pair, array_chunks[0]):
             yield array, array_chunks, global_region, local[local_region]
+
+
+def join_shards(name: str, parts: list[tuple[tuple[int, int], np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """A whole TP piece from its DP ranks' shards ((start, end), values); every element must
+    be covered exactly once."""
+    whole = np.empty(int(np.prod(shape)), np.float32)
+    covered = 0
+    for (start, end), values in sorted(parts, key=lambda part: part[0]):
+        if start != covered:
+            what = "overlap at element" if start < covered else f"leave elements {covered}..{start - 1} uncovered after"
+            raise KeyError(f"the shards of {name} {what} {start}")
+        whole[start:end] = values
+        covered = end
+    if covered != whole.size:
+        raise KeyError(f"the shards of {name} cover {covered} of its {whole.size} elements")
+    return whole.reshape(shape)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.engine import CheckpointEngine
+from checkpoint.engine import BlockedTime, CheckpointEngine
 from checkpoint.state import RankState, rng_state
 from checkpoint.universal import (
     FORMAT,
@@ -53,7 +52,7 @@ class Checkpointer:
         token = [secrets.token_hex(8) if dims.rank == 0 else None]
         dist.broadcast_object_list(token, src=0, group=self.group)
         self.token = token[0]
-        self.blocked_s = 0.0
+        self.blocked = BlockedTime()
 
     @property
     def engine(self) -> CheckpointEngine:
@@ -71,13 +70,12 @@ class Checkpointer:
         A failure of the previous save's staging or writing on any rank stops every rank
         here with that rank's message; this save's own failures surface at the next one.
         """
-        start = time.perf_counter()
-        run_state = self.state.run.state_dict()
-        step = run_state["step"]
-        root = self.dir / step_dir_name(step)
-        on_all_ranks(lambda: self._prepare(root, step, run_state), (CheckpointError,), self.group)
-        self._hand_over(root, step)
-        self.blocked_s += time.perf_counter() - start
+        with self.blocked:
+            run_state = self.state.run.state_dict()
+            step = run_state["step"]
+            root = self.dir / step_dir_name(step)
+            on_all_ranks(lambda: self._prepare(root, step, run_state), (CheckpointError,), self.group)
+            self._hand_over(root, step)
 
     def _prepare(self, root: Path, step: int, run_state: dict) -> None:
         self.engine.check()
@@ -107,14 +105,12 @@ class Checkpointer:
 
     def wait_staged(self) -> None:
         """Before the next optimizer step: the state being saved must not change under the copy."""
-        start = time.perf_counter()
-        self.engine.wait_staged()
-        self.blocked_s += time.perf_counter() - start
+        with self.blocked:
+            self.engine.wait_staged()
 
     def take_blocked_time(self) -> float:
         """Seconds the loop spent on checkpointing since the last call (handing over + waiting)."""
-        blocked, self.blocked_s = self.blocked_s, 0.0
-        return blocked
+        return self.blocked.take()
 
     @property
     def staging_peak_bytes(self) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint.layout import TensorLayout, chunks_of, local_shape
+from checkpoint.layout import TensorLayout, chunks_of, join_shards, local_shape
 from checkpoint.snapshot_store import attach
 from checkpoint.universal import FORMAT, VERSION, create_arrays, create_root_group, write_json_atomic
 from checkpoint.writer import FinishStep, apply_retention, finish_step, rank_markers, write_chunk_file
@@ -50,6 +50,13 @@ class MaterializeJob:
     timeout_s: float
     segments: list[tuple[int, str, dict[str, tuple[int, int]]]]
     """(rank, shared-memory segment, buffer name -> (offset, bytes)) of this daemon's ranks."""
+    peers: list[str] = dataclasses.field(default_factory=list)
+    """The group's other daemons: they hold the other DP ranks' shards of the distributed
+    optimizer's state that this daemon's ranks write."""
+    job_id: str = ""
+    job_token: str = ""
+    """The job's credentials, for fetching those shards."""
+    deadline_s: float = 30.0
 
 
 class RankSegment:
@@ -65,10 +72,19 @@ class RankSegment:
         return bytes(self.shm.buf[offset : offset + nbytes])
 
     def piece(self, name: str) -> tuple[TensorLayout, np.ndarray]:
+        """A whole piece: 1-D for a shard (see `shard`)."""
         layout = TensorLayout.from_attrs(self.meta["pieces"][name])
         offset, nbytes = self.buffers[name]
-        shape = local_shape(layout, self.meta["layout"]["tp"])
-        return layout, np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset).reshape(shape)
+        values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+        return layout, values if self.shard(name) else values.reshape(local_shape(layout, self.meta["layout"]["tp"]))
+
+    def shard(self, name: str) -> tuple[int, int] | None:
+        shard = self.meta.get("shards", {}).get(name)
+        return tuple(shard) if shard else None
+
+    def holds_whole(self, name: str) -> bool:
+        """Whether this rank holds all of piece `name` (not a shard, nor nothing of it)."""
+        return name in self.buffers and not self.shard(name)
 
     def close(self) -> None:
         release(self.shm)
@@ -95,13 +111,52 @@ def materialize(job: MaterializeJob) -> None:
             _create_root(root, job, first.meta)
         else:
             _wait_for(lambda: _root_is_ours(root, job.token), job.timeout_s, job, "the checkpoint's root group")
+        elsewhere = fetch_shards_held_elsewhere(job, ranks)
         for rank in ranks:
-            _write_rank(root, job, rank)
+            _write_rank(root, job, rank, ranks, elsewhere)
     finally:
         for rank in ranks:
             rank.close()
+    # Every daemon keeps the step pinned until every rank's share is written, so that none
+    # drops shards another daemon's writer has yet to fetch.
+    _wait_for(lambda: rank_markers(root / "done", job.world_size) is not None, job.timeout_s, job, "every rank's share")
     if first is not None:
-        _commit_when_all_ranks_wrote(root, job)
+        _commit(root, job)
+
+
+Shards = dict[tuple[int, str], list[tuple[tuple[int, int], np.ndarray]]]
+"""(TP rank, piece name) -> the DP ranks' shards of it: ((start, end), values)."""
+
+
+def fetch_shards_held_elsewhere(job: MaterializeJob, ranks: list[RankSegment]) -> Shards:
+    """The shards of the pieces these ranks write that ranks on other daemons hold."""
+    from checkpoint.snapshot_client import SnapshotClient
+
+    wanted = {(r.meta["tp_rank"], name) for r in ranks for name in r.meta["writes"] if not r.holds_whole(name)}
+    seen, found = {r.rank for r in ranks}, {}
+    for address in job.peers if wanted else []:
+        client = SnapshotClient(address, job.job_id, job.job_token, job.deadline_s)
+        try:
+            held = next((s for s in client.list() if s.step == job.step), None)
+            for rank in sorted(set(held.ranks if held else ()) - seen):
+                seen.add(rank)
+                meta = json.loads(client.fetch_streamed(job.step, rank, [META])[META])
+                names = [n for n in meta.get("shards", {}) if (meta["tp_rank"], n) in wanted]
+                for name, data in client.fetch_streamed(job.step, rank, names).items() if names else ():
+                    part = (tuple(meta["shards"][name]), np.frombuffer(data, np.float32))
+                    found.setdefault((meta["tp_rank"], name), []).append(part)
+        finally:
+            client.close()
+    return found
+
+
+def _whole_piece(rank: RankSegment, name: str, ranks: list[RankSegment], elsewhere: Shards) -> tuple:
+    if rank.holds_whole(name):
+        return rank.piece(name)
+    layout = TensorLayout.from_attrs(rank.meta["pieces"][name])
+    tp_rank, tp = rank.meta["tp_rank"], rank.meta["layout"]["tp"]
+    here = [(r.shard(name), r.piece(name)[1]) for r in ranks if r.meta["tp_rank"] == tp_rank and r.shard(name)]
+    return layout, join_shards(name, here + elsewhere.get((tp_rank, name), []), local_shape(layout, tp))
 
 
 def _create_root(root: Path, job: MaterializeJob, meta: dict) -> None:
@@ -112,13 +167,13 @@ def _create_root(root: Path, job: MaterializeJob, meta: dict) -> None:
     write_json_atomic(root / "state.json", state)
 
 
-def _write_rank(root: Path, job: MaterializeJob, rank: RankSegment) -> None:
+def _write_rank(root: Path, job: MaterializeJob, rank: RankSegment, ranks: list[RankSegment], elsewhere: Shards):
     meta = rank.meta
     tp, tp_rank = meta["layout"]["tp"], meta["tp_rank"]
     create_arrays(root, [(name, TensorLayout.from_attrs(attrs)) for name, attrs in meta["creates"]], tp)
     written: dict[str, list[str]] = {}
     for name in meta["writes"]:
-        layout, local = rank.piece(name)
+        layout, local = _whole_piece(rank, name, ranks, elsewhere)
         for array, chunks, region, values in chunks_of(name, layout, local, tp_rank, tp):
             pairs = tuple((s.start, s.stop) for s in region)
             written.setdefault(array, []).append(write_chunk_file(root / array, pairs, chunks, values))
@@ -128,10 +183,9 @@ def _write_rank(root: Path, job: MaterializeJob, rank: RankSegment) -> None:
     finish_step(finish, written)  # RNG file, the directories' fsyncs, then this rank's marker
 
 
-def _commit_when_all_ranks_wrote(root: Path, job: MaterializeJob) -> None:
+def _commit(root: Path, job: MaterializeJob) -> None:
     from checkpoint.universal import commit
 
-    _wait_for(lambda: rank_markers(root / "done", job.world_size) is not None, job.timeout_s, job, "every rank's share")
     commit(root.parent, root, rank_markers(root / "done", job.world_size), job.step)
     apply_retention(root.parent, job.keep, job.keep_every)
 

@@ -116,20 +116,26 @@ class SnapshotClient:
                 raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
         return out
 
-    def fetch_streamed(self, step: int, rank: int) -> dict[str, bytes]:
-        """The same over the network, in chunks (from another node, or the CLI)."""
-        chunks = self.stub.Fetch(pb.FetchRequest(step=step, rank=rank), timeout=self.deadline_s, metadata=self.metadata)
-        first = next(chunks)
-        data = bytearray()
+    def fetch_streamed(self, step: int, rank: int, names: list[str] | None = None) -> dict[str, bytes]:
+        """The same over the network, in chunks (from another node, or the CLI); only the
+        buffers `names`, when given."""
+        request = pb.FetchRequest(step=step, rank=rank, names=names or [])
+        chunks = self.stub.Fetch(request, timeout=self.deadline_s, metadata=self.metadata)
+        buffers = list(next(chunks).buffers)  # in the order their bytes come
+        parts = {b.name: bytearray() for b in buffers}
+        current = 0
         for chunk in chunks:
-            if chunk.offset != len(data):
+            while current < len(buffers) and len(parts[buffers[current].name]) == buffers[current].nbytes:
+                current += 1
+            b = buffers[current] if current < len(buffers) else None
+            if b is None or chunk.offset != b.offset + len(parts[b.name]):
                 raise ValueError(f"stream out of order at byte {chunk.offset}")
-            data += chunk.data
+            parts[b.name] += chunk.data
         out = {}
-        for b in first.buffers:
-            value = bytes(data[b.offset : b.offset + b.nbytes])
-            if checksum(value) != b.crc32c:
-                raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
+        for b in buffers:
+            value = bytes(parts[b.name])
+            if len(value) != b.nbytes or checksum(value) != b.crc32c:
+                raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: incomplete or failed its checksum")
             out[b.name] = value
         return out
 

@@ -2,7 +2,8 @@
 
 Each snapshot step a rank reserves one daemon-owned shared-memory segment and copies its
 state there in the background (checkpoint/engine.py's StagingThread, as for checkpoints):
-every piece of `RankState.pieces()` as float32, then `meta.json` (each piece's layout, the
+every piece of `RankState.own_pieces()` as float32 (with the distributed optimizer, its own
+shards of the optimizer's state: no gather), then `meta.json` (each piece's layout, the
 run's state, the saved layout) and `rng`. The daemon keeps the segment when the rank dies.
 A restarted rank reads it back through `SegmentReader`, which offers the same `read_many`
 as a checkpoint on disk, so that `RankState.load` serves both tiers.
@@ -15,12 +16,12 @@ import json
 import numpy as np
 import torch
 
-from checkpoint.layout import TensorLayout, local_shape, padded_shape, tp_regions
+from checkpoint.layout import TensorLayout, join_shards, local_shape, padded_shape, tp_regions
 from checkpoint.materialize import META, RNG, release
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import ALIGN, SnapshotClient
 from checkpoint.snapshot_store import attach, checksum, copy_checksummed
-from checkpoint.state import Piece, RankState
+from checkpoint.state import Piece, RankState, ShardItem, read_shards_of_pieces
 
 
 def _aligned(nbytes: int) -> int:
@@ -36,7 +37,8 @@ class SegmentSink:
         """Small buffers known when the snapshot is taken: meta.json, rng."""
         self.offsets: dict[str, int] = {}
         size = 0
-        for name, nbytes in [*state.piece_bytes(), *((n, len(b)) for n, b in extra.items())]:
+        planned = [(p.name, p.nbytes) for p in state.own_piece_plan()]
+        for name, nbytes in [*planned, *((n, len(b)) for n, b in extra.items())]:
             self.offsets[name] = size
             size += _aligned(nbytes)
         self.nbytes = size
@@ -66,12 +68,16 @@ class SegmentSink:
 
 def snapshot_extra(state: RankState, rng: bytes) -> dict[str, bytes]:
     """The small buffers of a snapshot: what places each piece, the run's state, the RNG streams."""
+    plan = state.own_piece_plan()
     meta = {
         "run_state": state.run.state_dict(),
         "layout": state.layout(),
         "rank": state.dims.rank,
         "tp_rank": state.dims.tp_rank,
+        # Every piece's layout, also of those this rank holds no shard of.
         "pieces": {name: layout.to_attrs() for name, layout in state.piece_layouts()},
+        # The element range of its TP piece that each shard holds (distributed optimizer).
+        "shards": {p.name: list(p.shard) for p in plan if p.shard is not None},
         # What this rank would write of a checkpoint: a daemon writes it from here (materialize).
         "writes": state.names_this_rank_writes(),
         "creates": [(name, layout.to_attrs()) for name, layout in state.arrays_this_rank_creates()],
@@ -115,29 +121,57 @@ class SegmentReader:
     def optimizer_state_keys(self) -> list[str]:
         return sorted({name.split("/")[1] for name in self.buffers if name.startswith("optim/")})
 
+    def shard(self, name: str) -> tuple[int, int] | None:
+        """The element range a shard piece holds; None for a whole piece."""
+        shard = self.meta.get("shards", {}).get(name)
+        return tuple(shard) if shard else None
+
     def array(self, name: str, tp: int) -> np.ndarray:
-        """A saved piece as an array over the segment (no copy)."""
+        """A saved piece as an array over the segment (no copy): 1-D for a shard."""
         offset, nbytes = self._span(name)
-        shape = local_shape(TensorLayout.from_attrs(self.meta["pieces"][name]), tp)
-        return np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset).reshape(shape)
+        values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+        if self.shard(name):
+            return values
+        return values.reshape(local_shape(TensorLayout.from_attrs(self.meta["pieces"][name]), tp))
 
     def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
+        self._same_layout(tp_rank, tp)
+        for name, _, out in items:
+            if self.shard(name):
+                raise KeyError(f"the snapshot of rank {self.rank} holds only a shard of {name}")
+            self._copy(name, out)
+
+    def read_shards(self, items: list[ShardItem], tp_rank: int, tp: int) -> None:
+        """This rank's own shards, as it saved them."""
+        self._same_layout(tp_rank, tp)
+        for name, _, wanted, out in items:
+            saved = self.shard(name)
+            if saved is None and name in self.buffers:
+                out.data.copy_(torch.from_numpy(self.array(name, tp).reshape(-1)[wanted[0] : wanted[1]]))
+            elif saved != wanted:
+                raise KeyError(f"the snapshot of rank {self.rank} holds {name} elements {saved}, not {wanted}")
+            else:
+                self._copy(name, out)
+
+    def _same_layout(self, tp_rank: int, tp: int) -> None:
         if tp_rank != self.meta["tp_rank"] or tp != self.meta["layout"]["tp"]:
             raise ValueError("a rank's own snapshot is read back on the layout that saved it")
-        for name, _, out in items:
-            if name not in self.buffers:
-                raise KeyError(f"the snapshot holds no {name}")
-            target = out.data
-            if target.dtype != torch.float32 or target.device.type != "cpu" or not target.is_contiguous():
-                offset, nbytes = self._span(name)
-                values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
-                target.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
-                continue
-            # The copy and the checksum check in one pass over the bytes.
-            offset, nbytes = self.buffers[name]
-            crc = copy_checksummed(target.numpy().reshape(-1).view(np.uint8), self.shm.buf[offset : offset + nbytes])
-            if name in self.checksums and crc != self.checksums.pop(name):
-                raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
+
+    def _copy(self, name: str, out: torch.Tensor) -> None:
+        """Buffer `name` into `out` (of its size), its checksum checked."""
+        if name not in self.buffers:
+            raise KeyError(f"the snapshot holds no {name}")
+        target = out.data
+        if target.dtype != torch.float32 or target.device.type != "cpu" or not target.is_contiguous():
+            offset, nbytes = self._span(name)
+            values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+            target.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
+            return
+        # The copy and the checksum check in one pass over the bytes.
+        offset, nbytes = self.buffers[name]
+        crc = copy_checksummed(target.numpy().reshape(-1).view(np.uint8), self.shm.buf[offset : offset + nbytes])
+        if name in self.checksums and crc != self.checksums.pop(name):
+            raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
 
     def close(self) -> None:
         release(self.shm)
@@ -173,12 +207,22 @@ class GroupReader:
         return next(iter(self.ranks.values())).optimizer_state_keys
 
     def _saved_pieces(self, name: str) -> dict[int, np.ndarray]:
-        """TP rank -> that rank's saved piece of `name` (from whichever DP replica comes first)."""
+        """TP rank -> that rank's saved piece of `name`: from whichever DP replica comes first,
+        or put together from the DP ranks' shards (distributed optimizer)."""
         pieces: dict[int, np.ndarray] = {}
+        shards: dict[int, list[tuple[tuple[int, int], np.ndarray]]] = {}
         for reader in self.ranks.values():
             tp_rank = reader.meta["tp_rank"]
-            if tp_rank not in pieces and name in reader.buffers:
+            if name not in reader.buffers or tp_rank in pieces:
+                continue
+            if reader.shard(name):
+                shards.setdefault(tp_rank, []).append((reader.shard(name), reader.array(name, self.saved_tp)))
+            else:
                 pieces[tp_rank] = reader.array(name, self.saved_tp)
+        layout = TensorLayout.from_attrs(self.meta["pieces"][name]) if name in self.meta["pieces"] else None
+        for tp_rank, parts in shards.items():
+            if tp_rank not in pieces:
+                pieces[tp_rank] = join_shards(name, parts, local_shape(layout, self.saved_tp))
         return pieces
 
     def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
@@ -198,6 +242,9 @@ class GroupReader:
                     values[local_region] = full[global_region]
             out.data.copy_(torch.from_numpy(np.array(values)).view(out.shape).to(out.dtype))
             del values, pieces
+
+    def read_shards(self, items: list[ShardItem], tp_rank: int, tp: int) -> None:
+        read_shards_of_pieces(self, items, tp_rank, tp)
 
     def close(self) -> None:
         for reader in self.ranks.values():

@@ -345,10 +345,6 @@ class SnapshotStore:
             segment = self._committed_segment(step, rank)
             return bytes(segment.view()[offset : offset + nbytes])
 
-    def segment_size(self, step: int, rank: int) -> int:
-        with self.lock:
-            return self._committed_segment(step, rank).nbytes
-
     def verify(self, step: int) -> list[str]:
         """Problems found re-checking every buffer of a committed step (empty: all good)."""
         with self.lock:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from checkpoint.config import SnapshotConfig
 from checkpoint.daemon import read_token
-from checkpoint.engine import StagingThread
+from checkpoint.engine import BlockedTime, StagingThread
 from checkpoint.manager import Checkpointer
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
@@ -94,7 +94,7 @@ class Snapshotter:
         # Normal priority, unlike a checkpoint's copy: a step is safe only once its snapshot is
         # delivered, so the copy should finish early in the next step, not at its end.
         self.staging = StagingThread("stalwart-snapshot-stage", niceness=0)
-        self.blocked_s = 0.0
+        self.blocked = BlockedTime()
 
     # -- taking snapshots ------------------------------------------------------------------
 
@@ -105,23 +105,26 @@ class Snapshotter:
 
         An earlier snapshot's or checkpoint's failure, on any rank, stops every rank here.
         """
-        start = time.perf_counter()
-        on_all_ranks(self._check, (SnapshotFailed, CheckpointError))
-        step = self.state.run.step
-        sink = SegmentSink(self.client, self.state, step, self.dims.rank, snapshot_extra(self.state, rng_state()))
-        self.staging.start(sink, self.state.pieces)
-        if self.committer is not None:
-            if checkpoint and not final and self.committer.ordered:
-                # The last checkpoint is still being written: writes queued behind each other
-                # would pin ever more snapshots. The snapshots cover the gap; the next is ordered.
-                print(
-                    f"stalwart: checkpoint of step {step} skipped: {sorted(self.committer.ordered)[0]} is "
-                    "still being written (checkpoint.interval is shorter than a write takes)",
-                    flush=True,
-                )
-                checkpoint = False
-            self.committer.submit(step, self._checkpoint_order(step) if checkpoint else None)
-        self.blocked_s += time.perf_counter() - start
+        with self.blocked:
+            on_all_ranks(self._check, (SnapshotFailed, CheckpointError))
+            step = self.state.run.step
+            sink = SegmentSink(self.client, self.state, step, self.dims.rank, snapshot_extra(self.state, rng_state()))
+            self.staging.start(sink, self.state.own_pieces)
+            if self.committer is not None:
+                self._submit(step, checkpoint, final)
+
+    def _submit(self, step: int, checkpoint: bool, final: bool) -> None:
+        """Rank 0: the step to the committer, with the checkpoint order when one is due."""
+        if checkpoint and not final and self.committer.ordered:
+            # The last checkpoint is still being written: writes queued behind each other
+            # would pin ever more snapshots. The snapshots cover the gap; the next is ordered.
+            print(
+                f"stalwart: checkpoint of step {step} skipped: {sorted(self.committer.ordered)[0]} is "
+                "still being written (checkpoint.interval is shorter than a write takes)",
+                flush=True,
+            )
+            checkpoint = False
+        self.committer.submit(step, self._checkpoint_order(step) if checkpoint else None)
 
     def _checkpoint_order(self, step: int) -> CheckpointOrder:
         ckpt = self.checkpointer
@@ -144,13 +147,11 @@ class Snapshotter:
             self.committer.checkpoints_pending()  # raises a failed checkpoint write
 
     def wait_staged(self) -> None:
-        start = time.perf_counter()
-        self.staging.wait_staged()
-        self.blocked_s += time.perf_counter() - start
+        with self.blocked:
+            self.staging.wait_staged()
 
     def take_blocked_time(self) -> float:
-        blocked, self.blocked_s = self.blocked_s, 0.0
-        return blocked
+        return self.blocked.take()
 
     def finish(self) -> None:
         """Wait until the last snapshot is committed on every daemon and every checkpoint

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint.layout import TensorLayout
+from checkpoint.layout import TensorLayout, local_shape
 from parallel.dims import ParallelDims
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -37,6 +37,9 @@ class Piece:
     """This rank's whole TP piece, vocabulary padding included."""
     writes: bool
     """Whether this rank is the single writer of this piece (others hold replicas)."""
+    shard: tuple[int, int] | None = None
+    """For a distributed-optimizer shard: the element range of the TP piece (flattened) that
+    `local` (1-D) holds; the other ranges are on this rank's DP peers. None: the whole piece."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ def model_pieces(params: list[ModelParam], dims: ParallelDims) -> list[Piece]:
     return [Piece(f"model/{p.name}", p.layout, p.param.detach(), is_writer(p.name, p.layout, dims)) for p in params]
 
 
+@dataclass(frozen=True)
+class PlannedPiece:
+    name: str
+    layout: TensorLayout
+    shard: tuple[int, int] | None
+    nbytes: int
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
@@ -117,10 +128,17 @@ class RankState:
         self.params: list[ModelParam] = model_params(model_chunks, dims.tp, vocab_size)
 
     def pieces(self) -> Iterator[Piece]:
-        """Model weights, then main weights and optimizer states (gathered over DP with the
-        distributed optimizer, so that each piece is a whole TP piece)."""
+        """Model weights, then main weights and optimizer states, each a whole TP piece: with
+        the distributed optimizer they are gathered over DP (for a checkpoint's writers)."""
         yield from model_pieces(self.params, self.dims)
         yield from optimizer_pieces(self.optimizer, self.params, self.dims)
+
+    def own_pieces(self) -> Iterator[Piece]:
+        """What a snapshot holds: model weights, then the main weights and optimizer states
+        this rank owns (with the distributed optimizer, its shards: no collective, so a rank's
+        copy never waits for a peer and a peer's death cannot stop it)."""
+        yield from model_pieces(self.params, self.dims)
+        yield from optimizer_pieces(self.optimizer, self.params, self.dims, gather=False)
 
     def piece_layouts(self) -> list[tuple[str, TensorLayout]]:
         """The name and layout of every piece pieces() yields, without collecting them."""
@@ -128,11 +146,14 @@ class RankState:
         model = [(f"model/{p.name}", p.layout) for p in self.params]
         return model + [(f"optim/{key}/{p.name}", p.layout) for key in keys for p in self.params]
 
-    def piece_bytes(self) -> list[tuple[str, int]]:
-        """(name, float32 bytes) of every piece pieces() yields, without collecting them."""
+    def own_piece_plan(self) -> list[PlannedPiece]:
+        """What own_pieces() will yield, without collecting it."""
         keys = optimizer_state_keys(self.optimizer)
-        model = [(f"model/{p.name}", 4 * p.param.numel()) for p in self.params]
-        return model + [(f"optim/{key}/{p.name}", 4 * p.param.numel()) for key in keys for p in self.params]
+        plan = [PlannedPiece(f"model/{p.name}", p.layout, None, 4 * p.param.numel()) for p in self.params]
+        for p, shard in optimizer_shards(self.optimizer, self.params):
+            nbytes = 4 * (shard[1] - shard[0] if shard else p.param.numel())
+            plan += [PlannedPiece(f"optim/{key}/{p.name}", p.layout, shard, nbytes) for key in keys]
+        return plan
 
     def names_this_rank_writes(self) -> list[str]:
         """The pieces whose chunks this rank writes in a checkpoint (Piece.writes)."""
@@ -205,16 +226,23 @@ def restore_rng(blob: bytes) -> None:
 # Optimizer state
 
 
-def optimizer_pieces(optimizer, params: list[ModelParam], dims: ParallelDims) -> Iterator[Piece]:
+def optimizer_pieces(optimizer, params: list[ModelParam], dims: ParallelDims, gather: bool = True) -> Iterator[Piece]:
     """Main (fp32) weights and every per-parameter optimizer state, as pieces of logical tensors.
 
-    With the distributed optimizer each DP rank holds flat sub-ranges of parameters; they are
-    gathered over DP one bucket at a time, so memory stays bounded by the bucket size.
+    With the distributed optimizer each DP rank holds flat sub-ranges of parameters. With
+    `gather` they are gathered over DP one bucket at a time (memory stays bounded by the
+    bucket size) into whole pieces; without, each owned sub-range is a shard piece.
     """
     by_param = {p.param: p for p in params}
     for inner in _inner_optimizers(optimizer):
-        if _is_distributed(inner):
+        if _is_distributed(inner) and gather:
             yield from _distributed_pieces(inner, by_param, dims)
+        elif _is_distributed(inner):
+            for model_param in _owned_params(inner):
+                p, shard = by_param[model_param], _owned_range(inner, model_param)
+                writes = is_writer(p.name, p.layout, dims)
+                for key, flat in _per_element_states(inner, model_param).items():
+                    yield Piece(f"optim/{key}/{p.name}", p.layout, flat.detach(), writes, shard)
         else:
             for model_param, states in _replicated_states(inner):
                 p = by_param[model_param]
@@ -223,6 +251,24 @@ def optimizer_pieces(optimizer, params: list[ModelParam], dims: ParallelDims) ->
                     yield Piece(
                         name, p.layout, tensor.detach().view(model_param.shape), is_writer(p.name, p.layout, dims)
                     )
+
+
+def optimizer_shards(optimizer, params: list[ModelParam]) -> Iterator[tuple[ModelParam, tuple[int, int] | None]]:
+    """Each parameter whose optimizer state this rank holds, with the element range it holds
+    (None: all of it; a range: a distributed optimizer's shard)."""
+    by_param = {p.param: p for p in params}
+    for inner in _inner_optimizers(optimizer):
+        if _is_distributed(inner):
+            for model_param in _owned_params(inner):
+                yield by_param[model_param], _owned_range(inner, model_param)
+        else:
+            for model_param, _ in _main_params(inner):
+                yield by_param[model_param], None
+
+
+def _owned_range(inner, model_param) -> tuple[int, int]:
+    owned = inner._get_model_param_range_map(model_param)["param"]
+    return owned.start, owned.end
 
 
 def optimizer_state_keys(optimizer) -> list[str]:
@@ -236,24 +282,20 @@ def optimizer_state_keys(optimizer) -> list[str]:
 
 
 def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: ParallelDims, step: int) -> None:
-    """Fill main weights and optimizer states through `reader.read_many` (any saved layout)."""
+    """Fill main weights and optimizer states through `reader.read_many`, or `read_shards` for
+    a distributed optimizer's shards (any saved layout)."""
     by_param = {p.param: p for p in params}
     keys = reader.optimizer_state_keys
     for inner in _inner_optimizers(optimizer):
         if _is_distributed(inner):
             _ensure_distributed_state(inner)
-            owned = [(model_param, by_param[model_param]) for model_param in _owned_params(inner)]
-            pieces = {
-                (model_param, key): torch.empty(model_param.shape, dtype=torch.float32, device=dims.device)
-                for model_param, _ in owned
-                for key in keys
-            }
-            items = [(f"optim/{key}/{by_param[mp].name}", by_param[mp].layout, t) for (mp, key), t in pieces.items()]
-            reader.read_many(items, dims.tp_rank, dims.tp)
-            for model_param, _ in owned:
-                sub = inner._get_model_param_range_map(model_param)["param"]
-                flat = {key: pieces[model_param, key].flatten()[sub.start : sub.end] for key in keys}
-                _set_distributed_states(inner, model_param, flat, step)
+            items = []
+            for model_param in _owned_params(inner):
+                p, shard = by_param[model_param], _owned_range(inner, model_param)
+                states = _per_element_states(inner, model_param)
+                items += [(f"optim/{key}/{p.name}", p.layout, shard, states[key]) for key in keys]
+                inner.optimizer.state[states["param"]]["step"] = torch.tensor(float(step))
+            reader.read_shards(items, dims.tp_rank, dims.tp)
         else:
             items = []
             for model_param, main in _main_params(inner):
@@ -355,12 +397,13 @@ def _ensure_distributed_state(inner) -> None:
         inner._init_optimizer_states_with_dummy_values()
 
 
-def _set_distributed_states(inner, model_param, flat: dict[str, torch.Tensor], step: int) -> None:
-    group_index, group_order = inner.model_param_group_index_map[model_param]
-    main = inner.optimizer.param_groups[group_index]["params"][group_order]
-    main.data.copy_(flat["param"])
-    state = inner.optimizer.state[main]
-    for key, value in flat.items():
-        if key != "param":
-            state[key].copy_(value)
-    state["step"] = torch.tensor(float(step))
+ShardItem = tuple[str, TensorLayout, tuple[int, int], torch.Tensor]
+"""(piece name, its layout, an element range of this rank's TP piece, the 1-D tensor to fill)."""
+
+
+def read_shards_of_pieces(reader, items: list[ShardItem], tp_rank: int, tp: int) -> None:
+    """`read_shards` for a reader of whole pieces: each piece is read whole, then cut."""
+    whole = [(name, layout, torch.empty(local_shape(layout, tp))) for name, layout, _, _ in items]
+    reader.read_many(whole, tp_rank, tp)
+    for (_, _, (start, end), out), (_, _, piece) in zip(items, whole, strict=True):
+        out.data.copy_(piece.flatten()[start:end].to(out.dtype))

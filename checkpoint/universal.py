@@ -251,6 +251,12 @@ class CheckpointReader:
         for (_, _, out), values_of_piece in zip(items, staging, strict=True):
             out.data.copy_(torch.from_numpy(values_of_piece).view(out.shape).to(out.dtype))
 
+    def read_shards(self, items, tp_rank: int, tp: int) -> None:
+        """Element ranges of this rank's pieces (a distributed optimizer's shards)."""
+        from checkpoint.state import read_shards_of_pieces
+
+        read_shards_of_pieces(self, items, tp_rank, tp)
+
     def _saved_layout(self, name: str, layout: TensorLayout) -> TensorLayout:
         if name not in self.arrays:
             raise CheckpointError(f"checkpoint {self.path} has no tensor {name}")

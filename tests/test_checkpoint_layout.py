@@ -1,11 +1,13 @@
 """The pure mapping between TP pieces and logical tensors, checked by reassembly."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoint.layout import TensorLayout, local_shape, padding_region, padding_shape, tp_regions
+from checkpoint.layout import TensorLayout, join_shards, local_shape, padding_region, padding_shape, tp_regions
 
 
 def shard(full: np.ndarray, layout: TensorLayout, tp_rank: int, tp: int) -> np.ndarray:
@@ -92,3 +94,28 @@ def test_chunks_encoded_by_the_writer_read_back_through_plain_zarr(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         zarr.open(str(tmp_path / "model" / "w"), mode="r")[8:13]
+
+
+@given(st.lists(st.integers(0, 60), max_size=6), st.randoms())
+def test_dp_shards_in_any_order_join_into_their_piece(cuts, random):
+    """A distributed optimizer's shards of one TP piece (element ranges), in any order."""
+    piece = np.arange(60, dtype=np.float32).reshape(6, 10)
+    bounds = sorted({0, 60, *cuts})
+    parts = [((a, b), piece.reshape(-1)[a:b]) for a, b in itertools.pairwise(bounds)]
+    random.shuffle(parts)
+    assert np.array_equal(join_shards("optim/exp_avg/w", parts, (6, 10)), piece)
+
+
+@pytest.mark.parametrize(
+    "ranges, problem",
+    [
+        ([(0, 20), (30, 60)], "elements 20..29 uncovered"),
+        ([(0, 40), (30, 60)], "overlap at element 30"),
+        ([(0, 50)], "50 of its 60"),
+    ],
+)
+def test_shards_that_leave_a_gap_or_overlap_are_refused_naming_the_piece(ranges, problem):
+    parts = [((a, b), np.zeros(b - a, np.float32)) for a, b in ranges]
+    with pytest.raises(KeyError, match=problem) as refused:
+        join_shards("optim/exp_avg/w", parts, (6, 10))
+    assert "optim/exp_avg/w" in str(refused.value)

@@ -115,12 +115,14 @@ class ListReply(_message.Message):
     def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("step", "rank")
+    __slots__ = ("step", "rank", "names")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LocateReply(_message.Message):
     __slots__ = ("segment", "buffers")
