@@ -19,12 +19,13 @@ or unauthenticated (a wrong token) or permission (another job).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,9 @@ class Piece:
     """The source's share description, with the first piece only."""
 
 
-GetHandler = Callable[[dict], tuple[dict, int, Iterator[bytes]]]
-"""A get request -> (meta, block_bytes, the block's bytes in pieces); raises BlockRefused."""
+GetHandler = Callable[[dict], tuple[dict, int, Generator[bytes | memoryview, None, None]]]
+"""A get request -> (meta, block_bytes, the block's bytes in pieces, closed once sent or
+abandoned); raises BlockRefused."""
 PutHandler = Callable[[Piece], None]
 """Folds a piece in; raises BlockRefused."""
 
@@ -91,9 +93,10 @@ class BlockServer:
                 self._check(request)
                 if request.get("op") == "get":
                     meta, size, pieces = self.get(request)
-                    write_frame(conn, {"ok": True, "meta": meta, "block_bytes": size})
-                    for piece in pieces:
-                        conn.sendall(piece)
+                    with contextlib.closing(pieces):  # it may pin what it sends
+                        write_frame(conn, {"ok": True, "meta": meta, "block_bytes": size})
+                        for piece in pieces:
+                            conn.sendall(piece)
                 elif request.get("op") == "put":
                     self._receive(conn, request)
                     write_frame(conn, {"ok": True})

@@ -35,6 +35,7 @@ from checkpoint.snapshot_group import (
     block_range,
     chunk_bytes,
     newest_common_step,
+    range_pieces,
     rebuild,
     send_share,
 )
@@ -144,15 +145,14 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         delivered, expected = self.store.deliver(request.step, request.rank, buffers)
         progress = self.store.encoding(request.step)
         if delivered == expected and self.peers is not None and progress is not None:  # the share is whole
-            step = request.step
-            send_share(
-                self.store.group,
-                self.peers,
-                step,
-                self.store.share(step),
-                lambda offset, n: self.store.read_share(step, offset, n),
-                progress,
-            )
+            step, meta = request.step, self.store.share(request.step)
+            try:
+                views = self.store.hold_share(step)
+            except SnapshotError as e:  # dropped meanwhile (a newer step committed): nothing to send
+                progress.error, progress.done = str(e), True
+            else:
+                release = lambda: self.store.unpin(step)  # noqa: E731
+                send_share(self.store.group, self.peers, step, meta, views, release, progress)
         return pb.DeliverReply(delivered_ranks=delivered, expected_ranks=expected)
 
     @_mapped
@@ -178,7 +178,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         self.store.require_whole(step)
         meta = self.store.share(step)
         start, size = block_range(meta, group.k, group.stripes[index].block_of(group.node))
-        return meta, size, _pieces(lambda offset, n: self.store.read_share(step, start + offset, n), size)
+        views = self.store.hold_share(step)
+        return meta, size, _then(range_pieces(views, start, size), lambda: self.store.unpin(step))
 
     @_mapped
     def Rebuild(self, request, context):
@@ -194,10 +195,10 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         except RuntimeError as e:
             raise SnapshotError("precondition", f"cannot rebuild node {lost}: {e}") from e
         if lost == self.store.node:  # a replacement: the share and its parity duties are ours again
-            self.store.install(step, rebuilt.meta, rebuilt.data, rebuilt.parity)
+            self.store.install(step, rebuilt.meta, rebuilt.blocks, rebuilt.parity)
         else:  # a survivor standing in: serves the lost node's ranks until they restart elsewhere
-            self.store.adopt(step, rebuilt.meta, rebuilt.data)
-        return pb.RebuildReply(step=step, nbytes=len(rebuilt.data))
+            self.store.adopt(step, rebuilt.meta, rebuilt.blocks)
+        return pb.RebuildReply(step=step, nbytes=rebuilt.nbytes)
 
     @_mapped
     def SetPeers(self, request, context):
@@ -330,6 +331,14 @@ def _refusing(handler):
             raise BlockRefused(e.kind, str(e)) from e
 
     return call
+
+
+def _then(pieces: Iterator, done) -> Iterator:
+    """`pieces`, then `done()` (also when the sending stops half-way)."""
+    try:
+        yield from pieces
+    finally:
+        done()
 
 
 def _pieces(read, size: int) -> Iterator[bytes | bytearray | memoryview]:

@@ -93,12 +93,15 @@ class RankSegment:
 def release(shm: shared_memory.SharedMemory) -> None:
     """Unmap a daemon's segment once the arrays viewing it are gone (a view kept alive by a
     reference cycle goes at the next collection; one still alive keeps the mapping, harmlessly,
-    until the process exits: the daemon owns the segment either way)."""
-    gc.collect()
-    try:
-        shm.close()
-    except BufferError:
-        pass
+    until the process exits: the daemon owns the segment either way). A full collection is
+    only worth its time (a tenth of a second in a trainer) when a view is still alive."""
+    for attempt in range(2):
+        try:
+            shm.close()
+            return
+        except BufferError:
+            if attempt == 0:
+                gc.collect()
 
 
 def materialize(job: MaterializeJob) -> None:

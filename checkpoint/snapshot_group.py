@@ -19,6 +19,7 @@ group learns its addresses afterwards (SetPeers), as survivors learn a replaceme
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -130,17 +131,18 @@ def share_meta(segments: list[tuple[int, int, list]]) -> dict:
     }
 
 
-def read_range(views: list[memoryview], start: int, length: int) -> bytearray:
-    """Bytes [start, start + length) of the segments laid end to end, zeros past their end
-    (one copy: a socket sends the bytearray as it is)."""
-    out = bytearray(length)
-    base = 0
+def range_pieces(views: list[memoryview], start: int, length: int) -> Iterator[memoryview | bytes]:
+    """Bytes [start, start + length) of the segments laid end to end, zeros past their end, in
+    pieces of at most PIECE bytes: views of the segments, so that a socket sends them
+    without a copy (the segments must stay pinned until they are sent)."""
+    base, end = 0, start + length
     for view in views:
-        lo, hi = max(start, base), min(start + length, base + len(view))
-        if lo < hi:
-            out[lo - start : hi - start] = view[lo - base : hi - base]
+        low, high = max(start, base), min(end, base + len(view))
+        for offset in range(low, high, PIECE):
+            yield view[offset - base : min(high, offset + PIECE) - base]
         base += len(view)
-    return out
+    for offset in range(max(0, min(end, base) - start), length, PIECE):
+        yield bytes(min(PIECE, length - offset))
 
 
 def block_range(meta: dict, k: int, block: int) -> tuple[int, int]:
@@ -225,9 +227,11 @@ class Peers:
             channel.close()
 
 
-def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, progress: Encoding) -> threading.Thread:
-    """Stream this node's data blocks of `step` to their parity holders, in the background,
-    counting them in `progress`."""
+def send_share(
+    plan: GroupPlan, peers: Peers, step: int, meta: dict, views: list[memoryview], release, progress: Encoding
+) -> threading.Thread:
+    """Stream this node's data blocks of `step` (its segments' `views`, pinned until
+    `release()`) to their parity holders, in the background, counting them in `progress`."""
 
     def run():
         try:
@@ -235,12 +239,12 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, pro
                 start, size = block_range(meta, plan.k, stripe.block_of(plan.node))
                 request = {"step": step, "stripe": stripe.index, "source": plan.node, "block_bytes": size, "meta": meta}
                 for holder in stripe.parity_nodes:
-                    pieces = (reader(start + o, min(PIECE, size - o)) for o in range(0, size, PIECE))
-                    peers.put_block(holder, request, pieces)
+                    peers.put_block(holder, request, range_pieces(views, start, size))
                     progress.sent += 1
         except Exception as e:  # reported by Status and by a prepare that never becomes ready
             progress.error = f"{type(e).__name__}: {e}"
         finally:
+            release()
             progress.done = True
 
     thread = threading.Thread(target=run, name=f"stalwart-encode-{step}", daemon=True)
@@ -256,9 +260,15 @@ def send_share(plan: GroupPlan, peers: Peers, step: int, meta: dict, reader, pro
 class RebuiltShare:
     step: int
     meta: dict
-    data: memoryview
+    blocks: list[np.ndarray]
+    """The share's bytes: its k data blocks end to end, left unjoined (a copy spared: the
+    store copies them straight into the ranks' segments)."""
     parity: dict[int, ParityBlock]
     """Stripe -> the parity block this node holds."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.size for b in self.blocks)
 
 
 def newest_common_step(plan: GroupPlan, peers: Peers, lost: int) -> int:
@@ -305,8 +315,16 @@ def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int) -> RebuiltShare
             parity[stripe.index] = ParityBlock(position=j, data=out, sources=sources)
     if my_meta is None:
         raise RuntimeError(f"node {n} holds no data blocks")
-    share = np.concatenate([blocks[b] for b in range(k)])[: my_meta["nbytes"]]
-    return RebuiltShare(step, my_meta, memoryview(share), parity)
+    return RebuiltShare(step, my_meta, trim([blocks[b] for b in range(k)], my_meta["nbytes"]), parity)
+
+
+def trim(blocks: list[np.ndarray], nbytes: int) -> list[np.ndarray]:
+    """The first `nbytes` of blocks laid end to end (the last data blocks are padding)."""
+    out, left = [], nbytes
+    for block in blocks:
+        out.append(block[: max(0, min(left, block.size))])
+        left -= out[-1].size
+    return out
 
 
 def _gather_all(plan: GroupPlan, peers: Peers, step: int, lost: int) -> list[tuple]:

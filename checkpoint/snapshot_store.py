@@ -25,7 +25,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from checkpoint.snapshot_group import Encoding, GroupPlan, ParityBlock, read_range, share_meta
+from checkpoint.snapshot_group import Encoding, GroupPlan, ParityBlock, share_meta
 
 
 class SnapshotError(Exception):
@@ -234,17 +234,15 @@ class SnapshotStore:
             entry = self.steps[step]
             return share_meta([(r, entry.segments[r].nbytes, entry.segments[r].buffers or []) for r in self.expected])
 
-    def read_share(self, step: int, start: int, length: int) -> bytearray:
+    def hold_share(self, step: int) -> list[memoryview]:
+        """Views of this node's share of `step` (its ranks' segments in order), pinned until
+        unpin(step): its blocks are sent straight from the segments."""
         with self.lock:
             entry = self.steps.get(step)
-            if entry is None:
-                raise SnapshotError("not_found", f"step {step} was dropped")
-            views = [entry.segments[r].view() for r in self.expected]
-            try:
-                return read_range(views, start, length)
-            finally:
-                for view in views:
-                    view.release()
+            if entry is None or entry.delivered() != self.expected:
+                raise SnapshotError("not_found", f"step {step} is not held whole here")
+            self.pins[step] = self.pins.get(step, 0) + 1
+            return [entry.segments[r].view() for r in self.expected]
 
     def add_parity(self, chunk) -> None:
         """Fold one chunk of another node's data block into the parity block held for it."""
@@ -291,15 +289,16 @@ class SnapshotStore:
                 raise SnapshotError("not_found", f"no whole parity of stripe {stripe}, step {step}")
             return block.data.tobytes(), {"sources": block.sources}
 
-    def install(self, step: int, meta: dict, share: bytes, parity: dict[int, ParityBlock]) -> None:
-        """Take a rebuilt share (and the parity this node held) as a committed snapshot."""
+    def install(self, step: int, meta: dict, share: list[np.ndarray], parity: dict[int, ParityBlock]) -> None:
+        """Take a rebuilt share (its blocks end to end; and the parity this node held) as a
+        committed snapshot."""
         offset = 0
         for entry in meta["segments"]:
             rank, nbytes = entry["rank"], entry["nbytes"]
             self.reserve(step, rank, nbytes)
             with self.lock:
                 segment = self.steps[step].segments[rank]
-                segment.view()[:nbytes] = share[offset : offset + nbytes]
+                copy_from_blocks(np.frombuffer(segment.view(), np.uint8)[:nbytes], share, offset)
             self.deliver(step, rank, [BufferInfo(*b) for b in entry["buffers"]], check=True)
             offset += nbytes
         with self.lock:
@@ -308,21 +307,22 @@ class SnapshotStore:
             self.steps[step].encoding = None  # rebuilt: its blocks are already where they belong
             self._drop_superseded(step)
 
-    def adopt(self, step: int, meta: dict, share: bytes) -> None:
+    def adopt(self, step: int, meta: dict, share: list[np.ndarray]) -> None:
         """Hold a lost node's rebuilt segments of committed `step`, so that its ranks can
         restart elsewhere and fetch them here (a stand-in; parity stays with a replacement)."""
         with self.lock:
             entry = self._committed(step)
-            self._make_room(len(share))
-            if self.memory_used() + len(share) > self.memory_limit:
-                raise SnapshotError("exhausted", f"{len(share)} bytes of a lost node would pass the memory limit")
+            total = sum(block.size for block in share)
+            self._make_room(total)
+            if self.memory_used() + total > self.memory_limit:
+                raise SnapshotError("exhausted", f"{total} bytes of a lost node would pass the memory limit")
             offset = 0
             for item in meta["segments"]:
                 rank, nbytes = item["rank"], item["nbytes"]
                 if rank in entry.segments:
                     raise SnapshotError("precondition", f"step {step} already holds rank {rank}")
                 segment = self._new_segment(step, rank, nbytes)
-                segment.view()[:nbytes] = share[offset : offset + nbytes]
+                copy_from_blocks(np.frombuffer(segment.view(), np.uint8)[:nbytes], share, offset)
                 buffers = [BufferInfo(*b) for b in item["buffers"]]
                 try:
                     _check_checksums(segment, buffers, rank)
@@ -491,6 +491,18 @@ CHECKSUM_CHUNK = 256 << 10
 def checksum(data) -> int:
     """CRC-32C (hardware instructions where the CPU has them) of a bytes-like object."""
     return google_crc32c.value(np.frombuffer(data, np.uint8))
+
+
+def copy_from_blocks(out: np.ndarray, blocks: list[np.ndarray], offset: int) -> None:
+    """Fill `out` with the bytes at `offset` of `blocks` laid end to end, without joining them."""
+    end, position = offset + out.size, 0
+    for block in blocks:
+        low, high = max(offset, position), min(end, position + block.size)
+        if low < high:
+            out[low - offset : high - offset] = block[low - position : high - position]
+        position += block.size
+    if position < end:
+        raise ValueError(f"the blocks hold {position} bytes, not the {end} asked for")
 
 
 def copy_checksummed(target, source) -> int:

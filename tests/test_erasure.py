@@ -4,8 +4,13 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from checkpoint.block_transport import PIECE
 from checkpoint.erasure import ErasureError, block_bytes, make_code, stripes
+from checkpoint.snapshot_group import range_pieces, trim
+from checkpoint.snapshot_store import copy_from_blocks
 
 
 @pytest.mark.parametrize("nodes,parity", [(2, 1), (3, 1), (4, 1), (6, 2), (7, 3), (8, 2)])
@@ -93,3 +98,28 @@ def test_parity_folded_in_piece_by_piece_in_any_order_equals_the_encoded_parity(
             code.accumulate(j, i, data[i][start:stop], folded[j][start:stop])
     for a, b in zip(expected, folded, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=5), st.data())
+def test_a_rebuilt_share_left_in_blocks_gives_any_range_of_its_bytes(blocks, data):
+    """A rebuilt share stays in its k blocks; each rank's segment is copied out of them."""
+    joined = b"".join(blocks)
+    nbytes = data.draw(st.integers(0, len(joined)), "share bytes")
+    share = trim([np.frombuffer(b, np.uint8) for b in blocks], nbytes)
+    offset = data.draw(st.integers(0, nbytes), "offset")
+    out = np.zeros(data.draw(st.integers(0, nbytes - offset), "size"), np.uint8)
+    copy_from_blocks(out, share, offset)
+    assert out.tobytes() == joined[offset : offset + out.size]
+    with pytest.raises(ValueError, match="not the"):
+        copy_from_blocks(np.zeros(1, np.uint8), share, nbytes)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=4), st.data())
+def test_a_data_block_is_sent_as_views_of_the_segments_padded_with_zeros(segments, data):
+    """A daemon sends block bytes straight out of its ranks' segments; past their end, zeros."""
+    joined = b"".join(segments)
+    start = data.draw(st.integers(0, len(joined) + 8), "start")
+    length = data.draw(st.integers(0, 3 * PIECE), "length")
+    pieces = list(range_pieces([memoryview(s) for s in segments], start, length))
+    assert all(len(p) <= PIECE for p in pieces)
+    assert b"".join(bytes(p) for p in pieces) == (joined[start:] + bytes(length))[:length]
