@@ -292,9 +292,14 @@ def load_optimizer_state(optimizer, params: list[ModelParam], reader, dims: Para
             items = []
             for model_param in _owned_params(inner):
                 p, shard = by_param[model_param], _owned_range(inner, model_param)
-                states = _per_element_states(inner, model_param)
-                items += [(f"optim/{key}/{p.name}", p.layout, shard, states[key]) for key in keys]
-                inner.optimizer.state[states["param"]]["step"] = torch.tensor(float(step))
+                # The optimizer's own tensors, filled in place (what megatron returns for
+                # reading may be a copy: its precision-aware optimizer unscales).
+                group_index, group_order = inner.model_param_group_index_map[model_param]
+                main = inner.optimizer.param_groups[group_index]["params"][group_order]
+                state = inner.optimizer.state[main]
+                targets = {key: main if key == "param" else state[key] for key in keys}
+                items += [(f"optim/{key}/{p.name}", p.layout, shard, targets[key]) for key in keys]
+                state["step"] = torch.tensor(float(step))
             reader.read_shards(items, dims.tp_rank, dims.tp)
         else:
             items = []
