@@ -79,8 +79,7 @@ class RankSegment:
         return layout, values if self.shard(name) else values.reshape(local_shape(layout, self.meta["layout"]["tp"]))
 
     def shard(self, name: str) -> tuple[int, int] | None:
-        shard = self.meta.get("shards", {}).get(name)
-        return tuple(shard) if shard else None
+        return shard_of(self.meta, name)
 
     def holds_whole(self, name: str) -> bool:
         """Whether this rank holds all of piece `name` (not a shard, nor nothing of it)."""
@@ -88,6 +87,13 @@ class RankSegment:
 
     def close(self) -> None:
         release(self.shm)
+
+
+def shard_of(meta: dict, name: str) -> tuple[int, int] | None:
+    """The element range of its TP piece that a rank's snapshot (`meta`) holds of piece
+    `name`: a distributed optimizer's shard; None for a whole piece."""
+    shard = meta.get("shards", {}).get(name)
+    return tuple(shard) if shard else None
 
 
 def release(shm: shared_memory.SharedMemory) -> None:

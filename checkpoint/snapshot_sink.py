@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from checkpoint.layout import TensorLayout, join_shards, local_shape, padded_shape, tp_regions
-from checkpoint.materialize import META, RNG, release
+from checkpoint.materialize import META, RNG, release, shard_of
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import ALIGN, SnapshotClient
 from checkpoint.snapshot_store import attach, checksum, copy_checksummed
-from checkpoint.state import Piece, RankState, ShardItem, read_shards_of_pieces
+from checkpoint.state import Piece, PlannedPiece, RankState, ShardItem, read_shards_of_pieces
 
 
 def _aligned(nbytes: int) -> int:
@@ -31,13 +31,13 @@ def _aligned(nbytes: int) -> int:
 class SegmentSink:
     """One step of one rank, copied into the daemon's segment and delivered."""
 
-    def __init__(self, client: SnapshotClient, state: RankState, step: int, rank: int, extra: dict[str, bytes]):
+    def __init__(self, client: SnapshotClient, plan: list[PlannedPiece], step: int, rank: int, extra: dict[str, bytes]):
         self.client, self.step, self.rank = client, step, rank
         self.extra = extra
         """Small buffers known when the snapshot is taken: meta.json, rng."""
         self.offsets: dict[str, int] = {}
         size = 0
-        planned = [(p.name, p.nbytes) for p in state.own_piece_plan()]
+        planned = [(p.name, p.nbytes) for p in plan]
         for name, nbytes in [*planned, *((n, len(b)) for n, b in extra.items())]:
             self.offsets[name] = size
             size += _aligned(nbytes)
@@ -66,9 +66,8 @@ class SegmentSink:
         self.client.deliver_table(self.step, self.rank, self.table)
 
 
-def snapshot_extra(state: RankState, rng: bytes) -> dict[str, bytes]:
+def snapshot_extra(state: RankState, plan: list[PlannedPiece], rng: bytes) -> dict[str, bytes]:
     """The small buffers of a snapshot: what places each piece, the run's state, the RNG streams."""
-    plan = state.own_piece_plan()
     meta = {
         "run_state": state.run.state_dict(),
         "layout": state.layout(),
@@ -122,9 +121,7 @@ class SegmentReader:
         return sorted({name.split("/")[1] for name in self.buffers if name.startswith("optim/")})
 
     def shard(self, name: str) -> tuple[int, int] | None:
-        """The element range a shard piece holds; None for a whole piece."""
-        shard = self.meta.get("shards", {}).get(name)
-        return tuple(shard) if shard else None
+        return shard_of(self.meta, name)
 
     def array(self, name: str, tp: int) -> np.ndarray:
         """A saved piece as an array over the segment (no copy): 1-D for a shard."""

@@ -108,7 +108,9 @@ class Snapshotter:
         with self.blocked:
             on_all_ranks(self._check, (SnapshotFailed, CheckpointError))
             step = self.state.run.step
-            sink = SegmentSink(self.client, self.state, step, self.dims.rank, snapshot_extra(self.state, rng_state()))
+            plan = self.state.own_piece_plan()
+            extra = snapshot_extra(self.state, plan, rng_state())
+            sink = SegmentSink(self.client, plan, step, self.dims.rank, extra)
             self.staging.start(sink, self.state.own_pieces)
             if self.committer is not None:
                 self._submit(step, checkpoint, final)
