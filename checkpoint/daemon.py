@@ -179,7 +179,7 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         meta = self.store.share(step)
         start, size = block_range(meta, group.k, group.stripes[index].block_of(group.node))
         views = self.store.hold_share(step)
-        return meta, size, _then(range_pieces(views, start, size), lambda: self.store.unpin(step))
+        return meta, size, _Then(range_pieces(views, start, size), lambda: self.store.unpin(step))
 
     @_mapped
     def Rebuild(self, request, context):
@@ -333,12 +333,27 @@ def _refusing(handler):
     return call
 
 
-def _then(pieces: Iterator, done) -> Iterator:
-    """`pieces`, then `done()` (also when the sending stops half-way)."""
-    try:
-        yield from pieces
-    finally:
-        done()
+class _Then:
+    """`pieces`, then `done()` exactly once: when they run out or when closed, also when closed
+    before the first piece (where a generator's `finally` would never run)."""
+
+    def __init__(self, pieces: Iterator, done):
+        self.pieces, self.done = pieces, done
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.pieces)
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done()
 
 
 def _pieces(read, size: int) -> Iterator[bytes | bytearray | memoryview]:

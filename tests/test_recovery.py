@@ -44,10 +44,36 @@ def ranks_of(launcher_pid: int) -> list[int]:
 
 
 def newest_step(metrics) -> int:
+    """The newest step in metrics.jsonl; 0 while rank 0 rewrites it at a restart."""
     try:
-        return max((r["step"] for r in read_metrics(metrics)), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):  # rank 0 rewrites the file at a restart
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
         return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:  # a line rank 0 is writing right now
+            continue
+    return max(steps, default=0)
+
+
+def reached_before_restore(metrics, run_dir, restores_before: int, process) -> int:
+    """The newest step rank 0 logged before a restart restored: a restart rewrites metrics.jsonl
+    back to the restored step, so the file is watched until the restore is announced (which
+    rank 0 does before it rewrites the file) and the highest step seen is kept. Missing a
+    line only makes the figure lower, never higher."""
+    reached, deadline = 0, time.monotonic() + TIMEOUT_S
+    while True:
+        step = newest_step(metrics)
+        if len(restores(run_dir)) > restores_before:  # `step` may have been read after the rewrite
+            return reached
+        reached = max(reached, step)
+        if process.poll() is not None:
+            process.fail(f"the run ended (exit code {process.poll()}) before restore {restores_before + 1}")
+        if time.monotonic() > deadline:
+            process.fail(f"restore {restores_before + 1}: not within {TIMEOUT_S} s")
+        time.sleep(0.01)
 
 
 def restores(run_dir) -> list[dict]:
@@ -75,18 +101,18 @@ def test_twenty_sigkills_of_random_ranks_each_restore_from_memory_and_train_on_b
     rng = random.Random(20261130)
     run, run_dir = start_run(config, *LAYOUT), tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
-    kills = []  # (newest logged step when killed, victim rank)
+    kills = []  # (newest step logged before the restart, victim rank)
     for kill in range(KILLS):
-        # A restart must have restored (and trained on) before the next kill.
-        wait_until(lambda n=kill: len(restores(run_dir)) == n, run, f"restore {kill}")
+        # The restart must have trained on after its restore before the next kill.
         since = restores(run_dir)[-1]["step"] if kill else 0
         wait_until(lambda s=since: newest_step(metrics) >= s + 2, run, f"training after restore {kill}")
         time.sleep(rng.uniform(0.0, 0.4))
         victim = rng.randrange(4)
         pids = sorted(ranks_of(run.pid), key=rank_of)
         assert len(pids) == 4, pids
-        kills.append((newest_step(metrics), victim))
         os.kill(pids[victim], signal.SIGKILL)
+        # The survivors may log the step the victim finished just before it died.
+        kills.append((reached_before_restore(metrics, run_dir, kill, run), victim))
         if kills[-1][0] >= STEPS - 2:
             pytest.fail("the run ended before all kills: give it more steps")
     code, out, err = finish(run)
@@ -95,9 +121,9 @@ def test_twenty_sigkills_of_random_ranks_each_restore_from_memory_and_train_on_b
     events = restores(run_dir)
     assert len(events) == KILLS, out[-3000:]
     assert all(e["source"] == "memory" and e["layout"] == "tp1 pp1 dp4 +distopt" for e in events)
-    lost = [logged - event["step"] for (logged, _), event in zip(kills, events, strict=True)]
-    # Logged steps are done; the snapshot of the newest one is copied during the step after it.
-    assert all(0 <= n <= 1 for n in lost), lost
+    lost = [reached - event["step"] for (reached, _), event in zip(kills, events, strict=True)]
+    # A logged step is done on every rank; its snapshot is copied during the step after it.
+    assert all(n <= 1 for n in lost), f"steps lost per kill {lost}; (reached, victim) {kills}; restores {events}"
 
     code, _, err = finish(start_run(reference, *LAYOUT))
     assert code == 0, err[-3000:]
@@ -239,7 +265,7 @@ def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_
     event = restores(tmp_path / "run")[-1]
     assert event["source"] == "memory" and event["layout"] == "tp1 pp1 dp6 +distopt", event
     lost_at = event["step"]
-    assert logged - 1 <= lost_at <= logged + 1  # no committed step lost (the kill lands mid-step)
+    assert lost_at >= logged - 1  # no committed step lost (the kill lands mid-step)
 
     # The reference: DP6 with a checkpoint at that step, resumed at DP4 from disk.
     reference = write_tiny_config(

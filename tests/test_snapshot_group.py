@@ -370,3 +370,40 @@ def test_a_crash_between_the_two_commit_phases_still_rebuilds_the_step_some_comm
         group.expect_held(0, 2, 1 << 16)
     finally:
         group.stop()
+
+
+def test_a_block_get_given_up_before_its_first_piece_still_unpins_its_step():
+    """A data block is sent straight from its pinned segments. A peer that hangs up before the
+    first piece goes out (the block port then closes the pieces unstarted) must not leave the
+    step pinned: a pinned step is never dropped, and its memory would be lost to the run."""
+    from types import SimpleNamespace
+
+    from checkpoint.daemon import Servicer
+    from checkpoint.snapshot_store import BufferInfo, SnapshotStore, checksum
+    from tests.test_snapshot_daemon import segments_of
+
+    job, page = unique_job(), 4096
+    group = GroupPlan(0, ["127.0.0.1:1", "127.0.0.1:2"], parity=1)  # node 1's mirror is held here
+    store = SnapshotStore(job, 0, [0, 1], memory_limit=1 << 24, group=group)
+    servicer = Servicer(store, 4 << 20)
+    try:
+        for rank in (0, 1):
+            store.reserve(1, rank, page)
+            value = np.full(page, rank + 1, np.uint8)
+            store.steps[1].segments[rank].shm.buf[:page] = value.tobytes()  # as a rank would
+            store.deliver(1, rank, [BufferInfo("x", 0, page, checksum(value))])
+        mirror = next(s.index for s in group.stripes if 0 in s.parity_nodes)
+        chunk = SimpleNamespace(step=1, stripe=mirror, source=1, offset=0, block_bytes=page, data=bytes(page), meta="")
+        store.add_parity(chunk)
+        assert store.commit(1) == ([], [])
+        own = {"step": 1, "stripe": next(s.index for s in group.stripes if 0 in s.data_nodes)}
+
+        _, _, pieces = servicer.block(own)
+        assert store.pins == {1: 1}
+        pieces.close()
+        assert store.pins == {}
+        _, size, pieces = servicer.block(own)  # sent whole: unpinned once the last piece is out
+        assert sum(len(p) for p in pieces) == size == 2 * page and store.pins == {}
+    finally:
+        store.close()
+    assert segments_of(job) == []
