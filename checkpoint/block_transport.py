@@ -25,7 +25,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,12 +136,46 @@ class BlockServer:
 
 def get_block(address: str, request: dict, timeout_s: float) -> tuple[np.ndarray, dict]:
     """A block and its description from the daemon whose block port is `address`."""
-    with socket.create_connection(_host_port(address), timeout=timeout_s) as conn:
+    with open_block(address, request, timeout_s) as block:
+        data = np.empty(block.nbytes, np.uint8)
+        _receive_into(block.conn, memoryview(data))
+    return data, block.meta
+
+
+class IncomingBlock:
+    """A get answered: the block's description and size are in, its bytes are to be read."""
+
+    def __init__(self, conn: socket.socket, meta: dict, nbytes: int):
+        self.conn, self.meta, self.nbytes = conn, meta, nbytes
+
+    def read_pieces(self, buffer: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, bytes) of each piece of the block, read into `buffer` (reused: each piece
+        is valid until the next is asked for)."""
+        for offset in range(0, self.nbytes, buffer.size):
+            view = buffer[: min(buffer.size, self.nbytes - offset)]
+            _receive_into(self.conn, memoryview(view))
+            yield offset, view
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> IncomingBlock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_block(address: str, request: dict, timeout_s: float) -> IncomingBlock:
+    """Ask the daemon whose block port is `address` for a block; its bytes follow the answer."""
+    conn = socket.create_connection(_host_port(address), timeout=timeout_s)
+    try:
         write_frame(conn, {**request, "op": "get"})
         answer = _answer(conn)
-        data = np.empty(int(answer["block_bytes"]), np.uint8)
-        _receive_into(conn, memoryview(data))
-    return data, answer["meta"]
+        return IncomingBlock(conn, answer["meta"], int(answer["block_bytes"]))
+    except BaseException:
+        conn.close()
+        raise
 
 
 def put_block(address: str, request: dict, pieces: Iterable[bytes | memoryview], timeout_s: float) -> None:

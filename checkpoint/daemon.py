@@ -14,6 +14,7 @@ import hmac
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -37,6 +38,7 @@ from checkpoint.snapshot_group import (
     newest_common_step,
     range_pieces,
     rebuild,
+    rebuild_parity,
     send_share,
 )
 from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, StepState
@@ -170,9 +172,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         if not 0 <= index < len(group.stripes):
             raise SnapshotError("invalid", f"no stripe {index} in a group of {len(group.stripes)}")
         if request.get("parity"):
-            data, meta = self.store.parity_block(step, index)
-            view = memoryview(data)  # a copy taken under the store's lock, sliced without copying
-            return meta, len(data), _pieces(lambda offset, n: view[offset : offset + n], len(data))
+            view, meta = self.store.parity_block(step, index)
+            return meta, len(view), _pieces(lambda offset, n: view[offset : offset + n], len(view))
         if group.node not in group.stripes[index].data_nodes:
             raise SnapshotError("invalid", f"node {group.node} has no data block in stripe {index}")
         self.store.require_whole(step)
@@ -189,16 +190,37 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         lost = request.node if request.HasField("node") else self.store.node
         if not 0 <= lost < len(self.store.group.peers):
             raise SnapshotError("invalid", f"no node {lost} in a group of {len(self.store.group.peers)}")
+        segments = []
+
+        def into(meta: dict) -> list[memoryview]:
+            segments.extend(self.store.new_share(meta))
+            return [segment.view() for segment in segments]
+
         try:
             step = newest_common_step(self.store.group, self.peers, lost)
-            rebuilt = rebuild(self.store.group, self.peers, step, lost)
+            rebuilt = rebuild(self.store.group, self.peers, step, lost, into)
+            if lost == self.store.node:  # a replacement: the share and its parity duties are ours again
+                self.store.install(step, rebuilt.meta, segments)
+                threading.Thread(target=self._rebuild_parity, args=(step,), name="stalwart-parity", daemon=True).start()
+            else:  # a survivor standing in: serves the lost node's ranks until they restart elsewhere
+                self.store.adopt(step, rebuilt.meta, segments)
         except RuntimeError as e:
+            self.store.discard(segments)
             raise SnapshotError("precondition", f"cannot rebuild node {lost}: {e}") from e
-        if lost == self.store.node:  # a replacement: the share and its parity duties are ours again
-            self.store.install(step, rebuilt.meta, rebuilt.blocks, rebuilt.parity)
-        else:  # a survivor standing in: serves the lost node's ranks until they restart elsewhere
-            self.store.adopt(step, rebuilt.meta, rebuilt.blocks)
-        return pb.RebuildReply(step=step, nbytes=rebuilt.nbytes)
+        except BaseException:
+            self.store.discard(segments)
+            raise
+        return pb.RebuildReply(step=step, nbytes=rebuilt.meta["nbytes"])
+
+    def _rebuild_parity(self, step: int) -> None:
+        """A replacement's parity blocks of the step it rebuilt, recomputed after its share is
+        back (the ranks need the share, not the parity; until then Status lists the stripes)."""
+        node = self.store.node
+        try:
+            self.store.restore_parity(step, rebuild_parity(self.store.group, self.peers, step, node))
+        except (RuntimeError, SnapshotError) as e:  # a newer step will bring parity anew
+            message = f"stalwart daemon: node {node}: the parity of step {step} was not rebuilt: {e}"
+            print(message, file=sys.stderr, flush=True)
 
     @_mapped
     def SetPeers(self, request, context):

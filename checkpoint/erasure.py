@@ -18,6 +18,7 @@ import functools
 import glob
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -109,13 +110,31 @@ class Code:
         Parity is linear, so a parity holder can fold in each data block (or a range of it)
         as it arrives, in any order, holding nothing but the parity itself.
         """
-        self._check([data], 1, [out], 1)
         row = self._matrix[(self.k + parity) * self.k : (self.k + parity + 1) * self.k]
+        self._folder(bytes(row), tuple(range(self.k)))(source, data, out)
+
+    def folding(self, use: tuple[int, ...], target: int) -> Callable[[int, np.ndarray, np.ndarray], None]:
+        """fold(position, data, out): add the block at `position` (one of the k of `use`), or a
+        range of it, into the block at `target` being rebuilt in `out` (zeros at first). Once
+        each block of `use` has been folded in whole, in any order and in pieces, `out` is the
+        block at `target`: a rebuild folds blocks in as they arrive, holding none of them."""
+        if len(use) != self.k or target in use:
+            raise ErasureError(f"a block is rebuilt from k={self.k} others, not from positions {use}")
+        return self._folder(_decode_rows(self._matrix, self.k, tuple(use), (target,)), tuple(use))
+
+    def _folder(self, row: bytes, positions: tuple[int, ...]) -> Callable[[int, np.ndarray, np.ndarray], None]:
+        """out += row[i] x data, for the block at positions[i], over GF(2^8)."""
         lib = _isal()
         tables = (ctypes.c_ubyte * (self.k * 32))()
-        lib.ec_init_tables(self.k, 1, ctypes.c_char_p(bytes(row)), tables)
-        coding = (_POINTER * 1)(_pointer(out, 0))
-        lib.ec_encode_data_update(data.size, self.k, 1, source, tables, _pointer(data, 0), coding)
+        lib.ec_init_tables(self.k, 1, ctypes.c_char_p(row), tables)
+
+        def fold(position: int, data: np.ndarray, out: np.ndarray) -> None:
+            self._check([data], 1, [out], 1)
+            coding = (_POINTER * 1)(_pointer(out, 0))
+            source = positions.index(position)
+            lib.ec_encode_data_update(data.size, self.k, 1, source, tables, _pointer(data, 0), coding)
+
+        return fold
 
     def decode(self, present: dict[int, np.ndarray], lost: dict[int, np.ndarray]) -> None:
         """Rebuild the blocks at the positions of `lost` (filled in place) from k of `present`."""
@@ -174,6 +193,11 @@ class XorCode(Code):
     def accumulate(self, parity: int, source: int, data: np.ndarray, out: np.ndarray) -> None:
         self._check([data], 1, [out], 1)
         np.bitwise_xor(out, data, out=out)
+
+    def folding(self, use: tuple[int, ...], target: int) -> Callable[[int, np.ndarray, np.ndarray], None]:
+        if len(use) != self.k or target in use:
+            raise ErasureError(f"a block is rebuilt from k={self.k} others, not from positions {use}")
+        return lambda position, data, out: self.accumulate(0, position, data, out)
 
     def decode(self, present: dict[int, np.ndarray], lost: dict[int, np.ndarray]) -> None:
         if not lost:

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rebuild = commands.add_parser("rebuild", help="rebuild a lost node's share on its replacement (or --on a survivor)")
     rebuild.add_argument("--node", type=int, required=True, help="the lost node")
     rebuild.add_argument("--on", type=int, help="a survivor to hold the share instead (its ranks fetch it there)")
+    rebuild.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the parity to follow")
     fetch = commands.add_parser("fetch", help="write one rank's buffers of a snapshot to an .npz file")
     fetch.add_argument("step", type=int)
     fetch.add_argument("--rank", type=int, required=True)
@@ -101,12 +102,7 @@ def run(args: argparse.Namespace) -> int:
         elif command == "verify":
             code, result = verify(clients, args.step, args.parity)
         elif command == "rebuild":
-            if args.on is None:
-                reply = clients[args.node].rebuild()
-            else:
-                reply = clients[args.on].rebuild(args.node)
-            held_on = args.node if args.on is None else args.on
-            code, result = OK, [{"node": args.node, "held_on": held_on, "step": reply.step, "bytes": reply.nbytes}]
+            code, result = rebuild(clients, args.node, args.on, args.timeout)
         elif command == "fetch":
             code, result = fetch(clients, args.step, args.rank, Path(args.out))
         elif command == "materialize":
@@ -215,6 +211,32 @@ def _parity_problems(clients: list[SnapshotClient], step: int, parity: int) -> l
             if not np.array_equal(expected[j], pad_block(block, length)):
                 problems.append(f"node {node}: parity {j} of stripe {stripe.index} does not match its data blocks")
     return problems
+
+
+def rebuild(clients: list[SnapshotClient], node: int, on: int | None, timeout_s: float) -> tuple[int, list[dict]]:
+    """Rebuild lost `node`'s share on its replacement (or hold it on survivor `on`). A
+    replacement answers once the share is back, then recomputes the parity it held: this
+    waits for that too, so that the group can lose a node again when it returns."""
+    start = time.monotonic()
+    holder = node if on is None else on
+    reply = clients[holder].rebuild(None if on is None else node)
+    row = {"node": node, "held_on": holder, "step": reply.step, "bytes": reply.nbytes}
+    row["share_s"] = round(time.monotonic() - start, 3)
+    if on is not None:
+        return OK, [row]
+    while (missing := _missing_stripes(clients[node], reply.step)) and time.monotonic() - start < timeout_s:
+        time.sleep(0.02)
+    row["parity_s"] = round(time.monotonic() - start, 3)
+    if missing:
+        row["error"] = f"the parity of stripes {missing} did not follow within {timeout_s:.0f} s"
+        return PROBLEM, [row]
+    return OK, [row]
+
+
+def _missing_stripes(client: SnapshotClient, step: int) -> list[int] | None:
+    """The stripes whose parity `client`'s daemon still lacks for `step`; None once it is gone."""
+    state = next((s for s in client.status().steps if s.step == step), None)
+    return None if state is None else list(state.missing_stripes)
 
 
 def fetch(clients: list[SnapshotClient], step: int, rank: int, out: Path) -> tuple[int, list[dict]]:

@@ -133,15 +133,18 @@ class SnapshotStore:
                     f"{nbytes} bytes for rank {rank} of step {step} would pass this daemon's memory limit: "
                     f"{self.memory_used()} of {self.memory_limit} bytes in use",
                 )
-            segment = self._new_segment(step, rank, nbytes)
+            segment = self._new_segment(rank, nbytes)
             self.steps.setdefault(step, Step()).segments[rank] = segment
             return segment.shm.name
 
-    def _new_segment(self, step: int, rank: int, nbytes: int) -> Segment:
-        """A spare segment of this size if there is one, else a fresh one."""
+    def _new_segment(self, rank: int, nbytes: int, zeroed: bool = False) -> Segment:
+        """A spare segment of this size if there is one, else a fresh one (zeros, as
+        `zeroed` asks of a spare too)."""
         spare = next((s for s in self.spares if s.nbytes == nbytes), None)
         if spare is not None:
             self.spares.remove(spare)
+            if zeroed:
+                np.frombuffer(spare.view(), np.uint8)[:] = 0
             return Segment(spare.shm, nbytes)
         # Named by rank, not step: a recycled segment serves later steps.
         name = f"{segment_prefix(self.job, self.node)}r{rank}-{secrets.token_hex(4)}"
@@ -281,57 +284,76 @@ class SnapshotStore:
                 group.code.accumulate(block.position, position, data, out)
             source["received"] += len(chunk.data)
 
-    def parity_block(self, step: int, stripe: int) -> tuple[bytes, dict]:
+    def parity_block(self, step: int, stripe: int) -> tuple[memoryview, dict]:
         with self.lock:
             block = self.parity.get(step, {}).get(stripe)
             entry = self.steps.get(step)
             if block is None or entry is None or not (entry.committed or self._ready(step)):
                 raise SnapshotError("not_found", f"no whole parity of stripe {stripe}, step {step}")
-            return block.data.tobytes(), {"sources": block.sources}
+            # Complete, so no longer written to: sent as it is (the array lives as long as the view).
+            return memoryview(block.data), {"sources": block.sources}
 
-    def install(self, step: int, meta: dict, share: list[np.ndarray], parity: dict[int, ParityBlock]) -> None:
-        """Take a rebuilt share (its blocks end to end; and the parity this node held) as a
-        committed snapshot."""
-        offset = 0
-        for entry in meta["segments"]:
-            rank, nbytes = entry["rank"], entry["nbytes"]
-            self.reserve(step, rank, nbytes)
-            with self.lock:
-                segment = self.steps[step].segments[rank]
-                copy_from_blocks(np.frombuffer(segment.view(), np.uint8)[:nbytes], share, offset)
-            self.deliver(step, rank, [BufferInfo(*b) for b in entry["buffers"]], check=True)
-            offset += nbytes
+    def new_share(self, meta: dict) -> list[Segment]:
+        """Zeroed segments for the ranks of a share being rebuilt (in `meta`'s order), part of
+        no step yet: `install` or `adopt` takes them once filled, `discard` frees them."""
         with self.lock:
-            self.parity[step] = parity
-            self.steps[step].committed = True
-            self.steps[step].encoding = None  # rebuilt: its blocks are already where they belong
-            self._drop_superseded(step)
-
-    def adopt(self, step: int, meta: dict, share: list[np.ndarray]) -> None:
-        """Hold a lost node's rebuilt segments of committed `step`, so that its ranks can
-        restart elsewhere and fetch them here (a stand-in; parity stays with a replacement)."""
-        with self.lock:
-            entry = self._committed(step)
-            total = sum(block.size for block in share)
+            total = meta["nbytes"]
             self._make_room(total)
             if self.memory_used() + total > self.memory_limit:
-                raise SnapshotError("exhausted", f"{total} bytes of a lost node would pass the memory limit")
-            offset = 0
+                raise SnapshotError("exhausted", f"a rebuilt share of {total} bytes would pass the memory limit")
+            return [self._new_segment(item["rank"], item["nbytes"], zeroed=True) for item in meta["segments"]]
+
+    def discard(self, segments: list[Segment]) -> None:
+        with self.lock:
+            for segment in segments:
+                self._retire(segment)
+
+    def install(self, step: int, meta: dict, segments: list[Segment]) -> None:
+        """Take this node's rebuilt share (filled `new_share` segments) as committed `step`,
+        once every buffer passed its checksum. The parity it holds comes later (`restore_parity`)."""
+        for item in meta["segments"]:
+            self._check_rank(item["rank"])
+        with self.lock:
+            self._take_checked(meta, segments)
+            entry = self.steps.setdefault(step, Step())
+            for item, segment in zip(meta["segments"], segments, strict=True):
+                old = entry.segments.pop(item["rank"], None)
+                if old is not None:
+                    self._retire(old)
+                entry.segments[item["rank"]] = segment
+            entry.committed = True
+            entry.encoding = None  # rebuilt: its blocks are already where they belong
+            self._drop_superseded(step)
+
+    def restore_parity(self, step: int, parity: dict[int, ParityBlock]) -> bool:
+        """Hold the recomputed parity blocks of `step` (a replacement's), unless the step is gone."""
+        with self.lock:
+            if step not in self.steps:
+                return False
+            self.parity.setdefault(step, {}).update(parity)
+            return True
+
+    def adopt(self, step: int, meta: dict, segments: list[Segment]) -> None:
+        """Hold a lost node's rebuilt segments of committed `step` (filled `new_share` ones),
+        so that its ranks can restart elsewhere and fetch them here (a stand-in; parity stays
+        with a replacement)."""
+        with self.lock:
+            entry = self._committed(step)
             for item in meta["segments"]:
-                rank, nbytes = item["rank"], item["nbytes"]
-                if rank in entry.segments:
-                    raise SnapshotError("precondition", f"step {step} already holds rank {rank}")
-                segment = self._new_segment(step, rank, nbytes)
-                copy_from_blocks(np.frombuffer(segment.view(), np.uint8)[:nbytes], share, offset)
-                buffers = [BufferInfo(*b) for b in item["buffers"]]
-                try:
-                    _check_checksums(segment, buffers, rank)
-                except SnapshotError:
-                    _release(segment)
-                    raise
-                segment.buffers = buffers
-                entry.segments[rank] = segment
-                offset += nbytes
+                if item["rank"] in entry.segments:
+                    raise SnapshotError("precondition", f"step {step} already holds rank {item['rank']}")
+            self._take_checked(meta, segments)
+            for item, segment in zip(meta["segments"], segments, strict=True):
+                entry.segments[item["rank"]] = segment
+
+    def _take_checked(self, meta: dict, segments: list[Segment]) -> None:
+        """Give each rebuilt segment its buffers once all of them passed their checksums."""
+        for item, segment in zip(meta["segments"], segments, strict=True):
+            buffers = [BufferInfo(*b) for b in item["buffers"]]
+            _check_layout(buffers, segment.nbytes, item["rank"])
+            _check_checksums(segment, buffers, item["rank"])
+        for item, segment in zip(meta["segments"], segments, strict=True):
+            segment.buffers = [BufferInfo(*b) for b in item["buffers"]]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -491,18 +513,6 @@ CHECKSUM_CHUNK = 256 << 10
 def checksum(data) -> int:
     """CRC-32C (hardware instructions where the CPU has them) of a bytes-like object."""
     return google_crc32c.value(np.frombuffer(data, np.uint8))
-
-
-def copy_from_blocks(out: np.ndarray, blocks: list[np.ndarray], offset: int) -> None:
-    """Fill `out` with the bytes at `offset` of `blocks` laid end to end, without joining them."""
-    end, position = offset + out.size, 0
-    for block in blocks:
-        low, high = max(offset, position), min(end, position + block.size)
-        if low < high:
-            out[low - offset : high - offset] = block[low - position : high - position]
-        position += block.size
-    if position < end:
-        raise ValueError(f"the blocks hold {position} bytes, not the {end} asked for")
 
 
 def copy_checksummed(target, source) -> int:

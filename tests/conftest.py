@@ -167,3 +167,52 @@ def start_stalwart_run(config: Path, *overrides: str, nodes: int = 1, ranks: int
     run = Started(command, env=rank_env(ranks), cwd=REPO)
     run.dump_stacks_signal = signal.SIGUSR2
     return run
+
+
+# -- the processes a test started, seen through /proc (any of them may be ending meanwhile) --
+
+
+def all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def parent_of(pid: int) -> int | None:
+    try:  # the command name, in parentheses, may itself hold spaces and parentheses
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):  # gone (FileNotFoundError, or ProcessLookupError mid-exit)
+        return None
+
+
+def argv(pid: int) -> list[str]:
+    """A process's command line, [] once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def environment(pid: int) -> dict[str, str]:
+    try:
+        raw = (Path("/proc") / str(pid) / "environ").read_bytes()
+    except OSError:  # gone, or another user's
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def children_of(pid: int) -> dict[int, list[str]]:
+    """The live children of `pid` -> their command lines."""
+    found = {child: argv(child) for child in all_pids() if parent_of(child) == pid}
+    return {child: command for child, command in found.items() if command}
+
+
+def descendants(pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, command line) of every live process below `pid`."""
+    parents = {child: parent_of(child) for child in all_pids()}
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        for child in [c for c, p in parents.items() if p == parent]:
+            if command := argv(child):
+                found.append((child, command))
+            stack.append(child)
+    return found

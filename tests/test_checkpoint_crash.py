@@ -26,49 +26,11 @@ import zarr
 from checkpoint.engine import CheckpointEngine
 from checkpoint.universal import CheckpointError, completeness_problem, find_resume_checkpoint
 from checkpoint.writer import STAGING, WRITER_PHASE, CreateArrays, FinishStep, Phase
-from tests.conftest import REPO, Started, rank_env, write_tiny_config
+from tests.conftest import REPO, Started, all_pids, descendants, environment, parent_of, rank_env, write_tiny_config
 
 JOB_MARKER = "STALWART_TEST_JOB"
 """Set in a job's environment, which its ranks and their writers inherit: it tells this job's
 processes from any other run's on the machine."""
-
-
-def children_of() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def command_line(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`."""
-    children = children_of()
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append((child, command_line(child)))
-            stack.append(child)
-    return found
-
-
-def environment(pid: int) -> dict[str, str]:
-    try:
-        raw = (Path("/proc") / str(pid) / "environ").read_bytes()
-    except OSError:  # gone, or another user's
-        return {}
-    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
 def start_job(config: Path, marker: str) -> Started:
@@ -155,9 +117,9 @@ def job_processes(job: Started) -> list[Process]:
     found = []
     for pid, cmd in descendants(job.pid):
         if "checkpoint.writer" in cmd:
-            shm = cmd.split("--shm ", 1)[1].split()[0]
+            shm = cmd[cmd.index("--shm") + 1]
             header = np.memmap(f"/dev/shm/{shm}", dtype=np.int64, mode="r", shape=(8,))
-            trainer = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            trainer = parent_of(pid)
             rank = int(environment(pid)["RANK"])
             found += [Process(pid, rank, "writer", header), Process(trainer, rank, "trainer", header)]
     return found
@@ -238,14 +200,10 @@ def _none_left(marker: str, timeout: float) -> bool:
     """Writers stop once their trainer is gone; none of this job's processes may linger as an orphan."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not [pid for pid in _all_pids() if environment(pid).get(JOB_MARKER) == marker]:
+        if not [pid for pid in all_pids() if environment(pid).get(JOB_MARKER) == marker]:
             return True
         time.sleep(0.2)
     return False
-
-
-def _all_pids() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
 def _wait_for_a_new_commit(ckpt_dir: Path, before: int | None, job, timeout: float) -> None:

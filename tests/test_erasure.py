@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from checkpoint.block_transport import PIECE
 from checkpoint.erasure import ErasureError, block_bytes, make_code, stripes
-from checkpoint.snapshot_group import range_pieces, trim
-from checkpoint.snapshot_store import copy_from_blocks
+from checkpoint.snapshot_group import range_pieces, spans
 
 
 @pytest.mark.parametrize("nodes,parity", [(2, 1), (3, 1), (4, 1), (6, 2), (7, 3), (8, 2)])
@@ -48,6 +47,33 @@ def test_any_m_lost_blocks_are_rebuilt_exactly(k, m, length):
             code.decode(present, rebuilt)
             for p in lost:
                 np.testing.assert_array_equal(rebuilt[p], blocks[p], err_msg=f"position {p} of lost {lost}")
+
+
+@pytest.mark.parametrize("k,m", [(3, 1), (4, 2), (2, 2)])
+def test_blocks_folded_in_pieces_in_any_order_rebuild_what_decode_does(k, m):
+    """A rebuild folds each block in as its pieces arrive, blocks interleaved, shorter blocks
+    (their missing tail counts as zeros) only as far as they go."""
+    rng = np.random.default_rng(k * 10 + m)
+    code, length = make_code(k, m), 4096 + 64
+    data = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(k)]
+    data[-1][length - 1000 :] = 0  # the last data block is 1000 bytes shorter, padded with zeros
+    parity = [np.zeros(length, np.uint8) for _ in range(m)]
+    code.encode(data, parity)
+    blocks = data + parity
+    for target in range(k + m):
+        others = [p for p in range(k + m) if p != target]
+        for use in itertools.combinations(others, k):
+            sent = {p: blocks[p][: length - 1000] if p == k - 1 else blocks[p] for p in use}
+            pieces = [(p, a) for p in use for a in range(0, sent[p].size, 700)]
+            out = np.zeros(length, np.uint8)
+            fold = code.folding(use, target)
+            for i in rng.permutation(len(pieces)):
+                position, start = pieces[i]
+                chunk = sent[position][start : start + 700]
+                fold(position, chunk, out[start : start + chunk.size])
+            np.testing.assert_array_equal(out, blocks[target], err_msg=f"target {target} from {use}")
+    with pytest.raises(ErasureError, match="from k="):
+        code.folding(tuple(range(k - 1)), k)
 
 
 def test_threads_split_the_work_without_changing_the_result():
@@ -101,17 +127,15 @@ def test_parity_folded_in_piece_by_piece_in_any_order_equals_the_encoded_parity(
 
 
 @given(st.lists(st.binary(max_size=40), max_size=5), st.data())
-def test_a_rebuilt_share_left_in_blocks_gives_any_range_of_its_bytes(blocks, data):
-    """A rebuilt share stays in its k blocks; each rank's segment is copied out of them."""
-    joined = b"".join(blocks)
-    nbytes = data.draw(st.integers(0, len(joined)), "share bytes")
-    share = trim([np.frombuffer(b, np.uint8) for b in blocks], nbytes)
-    offset = data.draw(st.integers(0, nbytes), "offset")
-    out = np.zeros(data.draw(st.integers(0, nbytes - offset), "size"), np.uint8)
-    copy_from_blocks(out, share, offset)
-    assert out.tobytes() == joined[offset : offset + out.size]
-    with pytest.raises(ValueError, match="not the"):
-        copy_from_blocks(np.zeros(1, np.uint8), share, nbytes)
+def test_spans_find_any_range_of_the_segments_laid_end_to_end(segments, data):
+    """A rebuild folds each piece of a block straight into the segments it lands in."""
+    joined = b"".join(segments)
+    start = data.draw(st.integers(0, len(joined) + 8), "start")
+    length = data.draw(st.integers(0, 50), "length")
+    found = list(spans([memoryview(s) for s in segments], start, length))
+    assert b"".join(bytes(view) for _, view in found) == joined[start : start + length]
+    assert [at for at, _ in found] == [sum(len(v) for _, v in found[:i]) for i in range(len(found))]
+    assert all(len(view) > 0 for _, view in found)
 
 
 @given(st.lists(st.binary(max_size=40), max_size=4), st.data())

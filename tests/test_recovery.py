@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, rank_env, start_stalwart_run, write_tiny_config
+from tests.conftest import REPO, children_of, environment, rank_env, start_stalwart_run, write_tiny_config
 from trainer.metrics import read_metrics
 
 # The demo's model (configs/demo.yaml) on the small dataset, 4 ranks on 2 emulated nodes.
@@ -210,29 +210,8 @@ def test_snapshot_materialize_writes_the_checkpoint_the_ranks_would_and_it_resum
     assert [r["step"] for r in read_metrics(tmp_path / "tp2" / "metrics.jsonl")][-2:] == [step + 1, step + 2]
 
 
-def children_of(launcher_pid: int) -> dict[int, list[str]]:
-    """Child pid -> command line, of a process that may be starting or ending threads and children."""
-    out = {}
-    try:
-        tasks = os.listdir(f"/proc/{launcher_pid}/task")
-    except FileNotFoundError:
-        return out
-    for task in tasks:
-        try:
-            pids = open(f"/proc/{launcher_pid}/task/{task}/children").read().split()
-        except FileNotFoundError:  # the thread ended
-            continue
-        for pid in pids:
-            try:
-                out[int(pid)] = open(f"/proc/{pid}/cmdline").read().split("\0")
-            except FileNotFoundError:
-                pass
-    return out
-
-
 def rank_of(pid: int) -> int:
-    environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
-    return int(environ["RANK"])
+    return int(environment(pid)["RANK"])
 
 
 def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_path, small_dataset):

@@ -12,6 +12,7 @@ import pytest
 
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import commit_group
+from checkpoint.snapshot_commands import verify
 from checkpoint.snapshot_group import GroupPlan
 from tests.conftest import REPO, rank_env
 from tests.test_snapshot_daemon import Daemon, buffers_of, segment_of, step_state, unique_job, wait_for
@@ -81,6 +82,12 @@ class Group:
             self.announce()
         return daemon
 
+    def parity_restored(self, node: int, step: int) -> None:
+        """Wait until a replacement holds again the parity it held of `step` (it recomputes
+        that after its rebuild answered); only then may the group lose another node."""
+        client = self.daemons[node].client()
+        wait_for(lambda: list(step_state(client, step).missing_stripes) == [], f"node {node}'s parity of step {step}")
+
     def stop(self):
         for d in self.daemons:
             d.process.send_signal(signal.SIGCONT)  # a test that stalled one may have failed
@@ -122,9 +129,13 @@ def test_any_m_killed_daemons_are_rebuilt_byte_identically(tmp_path, nodes, pari
                 replacement = group.replace(node)
                 reply = replacement.client().rebuild()
                 assert reply.step == 2
+            for node in lost:
+                group.parity_restored(node, 2)
             for node, daemon in enumerate(group.daemons):
                 assert [s.step for s in daemon.client().list()] == [2]
                 group.expect_held(node, 2, 1 << 18)
+            code, rows = verify([d.client() for d in group.daemons], 2, parity)  # the parity recomputed too
+            assert code == 0, rows
         group.deliver_and_commit(3, 1 << 18)  # the rebuilt daemons hold parity again
         assert all([s.step for s in d.client().list()] == [3] for d in group.daemons)
     finally:
@@ -310,7 +321,9 @@ def test_the_operator_commands_see_verify_fetch_and_drop_snapshots(tmp_path):
         assert code == 0 and [r["told"] for r in rows] == [True] * 4, rows
         assert all(list(d.client().status().peers) == group.peers for d in group.daemons)
         code, rows = stalwart("rebuild", "--node", "3")
-        assert code == 0 and rows[0]["step"] == 1, rows
+        assert code == 0 and rows[0]["step"] == 1 and rows[0]["parity_s"] >= rows[0]["share_s"], rows
+        code, rows = stalwart("verify", "1")  # the replacement's share and its recomputed parity
+        assert code == 0, rows
         code, rows = stalwart("drop", "1")
         assert code == 0 and rows[0]["dropped_on"] == [0, 1, 2, 3]
         code, rows = stalwart("ls")

@@ -7,7 +7,7 @@ import time
 
 from checkpoint.commands import verify_checkpoint
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import start_stalwart_run, write_tiny_config
+from tests.conftest import children_of, environment, start_stalwart_run, write_tiny_config
 from trainer.errors import EXIT_REQUEUE
 from trainer.metrics import read_metrics
 
@@ -26,13 +26,8 @@ def finish(run):
 
 def rank_pids(launcher_pid: int) -> list[int]:
     """The launcher's ranks (its other child is the snapshot daemon), in rank order."""
-    ranks = {}
-    for task in os.listdir(f"/proc/{launcher_pid}/task"):
-        for pid in open(f"/proc/{launcher_pid}/task/{task}/children").read().split():
-            if open(f"/proc/{pid}/cmdline").read().split("\0")[1:3] == ["-m", "trainer"]:
-                environ = open(f"/proc/{pid}/environ").read().split("\0")
-                ranks[int(next(e for e in environ if e.startswith("RANK=")).split("=")[1])] = int(pid)
-    return [ranks[r] for r in sorted(ranks)]
+    trainers = [pid for pid, command in children_of(launcher_pid).items() if command[1:3] == ["-m", "trainer"]]
+    return sorted(trainers, key=lambda pid: int(environment(pid)["RANK"]))
 
 
 def wait_for_step(metrics, step, process):
