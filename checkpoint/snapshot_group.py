@@ -214,12 +214,21 @@ class Peers:
         """Send a data block to the daemon holding its stripe's parity."""
         put_block(self._block_address(node, wait=True), {**request, **self.credentials}, pieces, self.deadline_s)
 
-    def open_block(self, node: int, step: int, stripe: int, parity: bool) -> IncomingBlock | None:
+    def reachable_block_address(self, node: int) -> str | None:
+        """Where a survivor's blocks are to be asked for, once per rebuild; None if unreachable."""
+        try:
+            return self._block_address(node, wait=False)
+        except grpc.RpcError:
+            return None
+
+    def open_block(self, address: str | None, step: int, stripe: int, parity: bool) -> IncomingBlock | None:
         """A block a survivor holds, its bytes still to be read; None if it cannot serve it."""
+        if address is None:
+            return None
         request = {"step": step, "stripe": stripe, "parity": parity, **self.credentials}
         try:
-            return open_block(self._block_address(node, wait=False), request, self.deadline_s)
-        except (grpc.RpcError, BlockRefused, OSError):
+            return open_block(address, request, self.deadline_s)
+        except (BlockRefused, OSError):
             return None
 
     def whole_steps(self, node: int) -> dict[int, bool] | None:
@@ -418,7 +427,9 @@ def _open_sources(
         if node != lost
     ]
     with ThreadPoolExecutor(max_workers=max(1, min(len(requests), 2 * len(plan.peers)))) as pool:
-        got = list(pool.map(lambda r: peers.open_block(r[2], step, r[4], parity=r[3]), requests))
+        nodes = sorted({r[2] for r in requests})
+        addresses = dict(zip(nodes, pool.map(peers.reachable_block_address, nodes), strict=True))
+        got = list(pool.map(lambda r: peers.open_block(addresses[r[2]], step, r[4], parity=r[3]), requests))
     opened: list[dict[int, IncomingBlock]] = [{} for _ in stripes]
     for (i, position, _, _, _), block in zip(requests, got, strict=True):
         if block is None:
