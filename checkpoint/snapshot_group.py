@@ -288,10 +288,10 @@ def newest_common_step(plan: GroupPlan, peers: Peers, lost: int) -> int:
     daemons and only ready on the others, which still hold the previous one: the step
     counts as committed if any daemon committed it (phase two had begun)."""
     whole, committed = None, set()
-    for node in range(len(plan.peers)):
-        if node == lost:
-            continue
-        steps = peers.whole_steps(node)
+    others = [node for node in range(len(plan.peers)) if node != lost]
+    with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:  # a lost node may take its deadline
+        held = list(pool.map(peers.whole_steps, others))
+    for steps in held:
         if steps is None:
             continue  # another lost node
         whole = set(steps) if whole is None else whole & set(steps)
@@ -384,7 +384,10 @@ class StripeRebuild:
         self.parity = np.zeros(max(self.sizes.values()) if self.is_parity else 0, np.uint8)
         self.segments: list[memoryview] = []
         self.start = self.size = 0
-        self.lock = threading.Lock()  # folding is a read-modify-write of the target
+        # Folding is a read-modify-write of the target: one lock per READ-sized range, where
+        # every source's piece of that range lands (one per stripe was measured 5% slower).
+        longest = max(block.nbytes for block in sources.values())
+        self.locks = [threading.Lock() for _ in range(-(-longest // self.READ))]
 
     def place(self, segments: list[memoryview], start: int, size: int) -> None:
         """The lost data block is bytes [start, start + size) of the share in `segments` (its
@@ -394,7 +397,7 @@ class StripeRebuild:
     def fold_in(self, position: int) -> None:
         buffer = np.empty(self.READ, np.uint8)
         for offset, piece in self.sources[position].read_pieces(buffer):
-            with self.lock:
+            with self.locks[offset // self.READ]:
                 for at, out in self._targets(offset, piece.size):
                     self.fold(position, piece[at : at + out.size], out)
 
