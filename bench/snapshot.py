@@ -217,6 +217,7 @@ def rebuild_time(tmp: Path, token_file: Path, per_rank: int) -> dict:
 
     from checkpoint.daemon import read_token
     from checkpoint.snapshot_client import SnapshotClient, commit_group
+    from checkpoint.snapshot_commands import missing_stripes
 
     token = read_token(token_file)
     sockets = [socket.socket() for _ in range(4)]
@@ -245,7 +246,7 @@ def rebuild_time(tmp: Path, token_file: Path, per_rank: int) -> dict:
             start = time.perf_counter()
             replacement.rebuild()
             rebuilds.append(time.perf_counter() - start)
-            while next(s for s in replacement.status().steps if s.step == 1).missing_stripes:
+            while missing_stripes(replacement, 1):
                 time.sleep(0.001)  # the parity the lost node held follows the share
             parities.append(time.perf_counter() - start)
             assert replacement.fetch(1, 2) == expected, "the rebuilt share differs"

@@ -25,7 +25,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +54,9 @@ class Piece:
     """The source's share description, with the first piece only."""
 
 
-GetHandler = Callable[[dict], tuple[dict, int, Generator[bytes | memoryview, None, None]]]
-"""A get request -> (meta, block_bytes, the block's bytes in pieces, closed once sent or
-abandoned); raises BlockRefused."""
+GetHandler = Callable[[dict], tuple[dict, int, Iterator[bytes | memoryview]]]
+"""A get request -> (meta, block_bytes, the block's bytes in pieces: an iterator with a
+`close()`, called once they are sent or abandoned); raises BlockRefused."""
 PutHandler = Callable[[Piece], None]
 """Folds a piece in; raises BlockRefused."""
 

@@ -224,7 +224,7 @@ def rebuild(clients: list[SnapshotClient], node: int, on: int | None, timeout_s:
     row["share_s"] = round(time.monotonic() - start, 3)
     if on is not None:
         return OK, [row]
-    while (missing := _missing_stripes(clients[node], reply.step)) and time.monotonic() - start < timeout_s:
+    while (missing := missing_stripes(clients[node], reply.step)) and time.monotonic() - start < timeout_s:
         time.sleep(0.02)
     row["parity_s"] = round(time.monotonic() - start, 3)
     if missing:
@@ -233,7 +233,7 @@ def rebuild(clients: list[SnapshotClient], node: int, on: int | None, timeout_s:
     return OK, [row]
 
 
-def _missing_stripes(client: SnapshotClient, step: int) -> list[int] | None:
+def missing_stripes(client: SnapshotClient, step: int) -> list[int] | None:
     """The stripes whose parity `client`'s daemon still lacks for `step`; None once it is gone."""
     state = next((s for s in client.status().steps if s.step == step), None)
     return None if state is None else list(state.missing_stripes)

@@ -314,30 +314,27 @@ def rebuild(plan: GroupPlan, peers: Peers, step: int, lost: int, into: ShareSegm
     data_stripes = [s for s in plan.stripes if lost in s.data_nodes]
     if not data_stripes:
         raise RuntimeError(f"node {lost} holds no data blocks")
-    rebuilds: list[StripeRebuild] = []
 
-    def place(opened: list[StripeRebuild]) -> None:
-        meta = opened[0].metas[lost]
+    def place(rebuilds: list[StripeRebuild]) -> None:
+        meta = rebuilds[0].metas[lost]
         segments = into(meta)
-        for rebuilt in opened:
+        for rebuilt in rebuilds:
             rebuilt.place(segments, *block_range(meta, plan.k, rebuilt.stripe.block_of(lost)))
-        rebuilds.extend(opened)
 
-    _fold_stripes(plan, peers, step, lost, data_stripes, place)
+    rebuilds = _fold_stripes(plan, peers, step, lost, data_stripes, place)
     return RebuiltShare(step, rebuilds[0].metas[lost])
 
 
 def rebuild_parity(plan: GroupPlan, peers: Peers, step: int, lost: int) -> dict[int, ParityBlock]:
     """Stripe -> the parity block node `lost` held of `step`, recomputed from the stripes' data."""
     parity_stripes = [s for s in plan.stripes if lost in s.parity_nodes]
-    rebuilds: list[StripeRebuild] = []
-    _fold_stripes(plan, peers, step, lost, parity_stripes, rebuilds.extend)
+    rebuilds = _fold_stripes(plan, peers, step, lost, parity_stripes, place=lambda rebuilds: None)
     return {r.stripe.index: r.parity_block() for r in rebuilds}
 
 
-def _fold_stripes(plan: GroupPlan, peers: Peers, step: int, lost: int, stripes: list[Stripe], place) -> None:
+def _fold_stripes(plan: GroupPlan, peers: Peers, step: int, lost: int, stripes: list[Stripe], place):
     """Fold the survivors' blocks of `stripes` into node `lost`'s, once `place` has been handed
-    the stripes' rebuilds (their blocks' answers are in) to say where each goes."""
+    the stripes' rebuilds (their blocks' answers are in) to say where the data blocks go."""
     opened = _open_sources(plan, peers, step, lost, stripes)
     try:
         rebuilds = [StripeRebuild(plan, s, lost, sources) for s, sources in zip(stripes, opened, strict=True)]
@@ -351,6 +348,7 @@ def _fold_stripes(plan: GroupPlan, peers: Peers, step: int, lost: int, stripes: 
         for sources in opened:
             for block in sources.values():
                 block.close()
+    return rebuilds
 
 
 class StripeRebuild:

@@ -348,12 +348,12 @@ class SnapshotStore:
 
     def _take_checked(self, meta: dict, segments: list[Segment]) -> None:
         """Give each rebuilt segment its buffers once all of them passed their checksums."""
-        for item, segment in zip(meta["segments"], segments, strict=True):
-            buffers = [BufferInfo(*b) for b in item["buffers"]]
-            _check_layout(buffers, segment.nbytes, item["rank"])
-            _check_checksums(segment, buffers, item["rank"])
-        for item, segment in zip(meta["segments"], segments, strict=True):
-            segment.buffers = [BufferInfo(*b) for b in item["buffers"]]
+        buffers = [[BufferInfo(*b) for b in item["buffers"]] for item in meta["segments"]]
+        for item, segment, held in zip(meta["segments"], segments, buffers, strict=True):
+            _check_layout(held, segment.nbytes, item["rank"])
+            _check_checksums(segment, held, item["rank"])
+        for segment, held in zip(segments, buffers, strict=True):
+            segment.buffers = held
 
     # -- reading -------------------------------------------------------------------------
 

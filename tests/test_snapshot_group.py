@@ -12,7 +12,7 @@ import pytest
 
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import commit_group
-from checkpoint.snapshot_commands import verify
+from checkpoint.snapshot_commands import missing_stripes, verify
 from checkpoint.snapshot_group import GroupPlan
 from tests.conftest import REPO, rank_env
 from tests.test_snapshot_daemon import Daemon, buffers_of, segment_of, step_state, unique_job, wait_for
@@ -86,7 +86,7 @@ class Group:
         """Wait until a replacement holds again the parity it held of `step` (it recomputes
         that after its rebuild answered); only then may the group lose another node."""
         client = self.daemons[node].client()
-        wait_for(lambda: list(step_state(client, step).missing_stripes) == [], f"node {node}'s parity of step {step}")
+        wait_for(lambda: missing_stripes(client, step) == [], f"node {node}'s parity of step {step}")
 
     def stop(self):
         for d in self.daemons:
