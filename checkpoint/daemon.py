@@ -478,8 +478,8 @@ def run(args: argparse.Namespace) -> int:
         peers = args.peers.split(",") if args.peers else None
         if peers:
             check_peers(args.node, peers)
-        # Stop signals are taken by sigwait() below, never by a handler: every thread the
-        # server starts inherits this mask, so none of them can swallow a SIGTERM.
+        # Every thread the server starts inherits this mask: the stop signals are left to
+        # wait_for_stop() below, and no gRPC or rebuild thread is interrupted by them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         group = GroupPlan(args.node, peers, config.parity) if peers else None
         store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
@@ -492,11 +492,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host = config.listen.rpartition(":")[0]
     print(f"stalwart daemon: job {args.job} node {args.node} listening on {host}:{port}", flush=True)
-    signal.sigwait(STOP_SIGNALS)
+    wait_for_stop()
     server.stop(grace=2).wait(timeout=5)  # calls in flight get 2 s; the segments are freed regardless
     servicer.materializations.stop()
     store.close()
     return 0
+
+
+def wait_for_stop() -> None:
+    """Until SIGTERM or SIGINT. The threads started after `run` blocked them leave them to the
+    sigwait here; a thread started before (numpy's BLAS pool, at import) does not block them,
+    and a signal the kernel hands to it would kill the process with its default action: a
+    handler catches that one instead, and the wait looks at what it caught twice a second."""
+    caught = threading.Event()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: caught.set())
+    while not caught.is_set() and signal.sigtimedwait(STOP_SIGNALS, 0.5) is None:
+        pass
 
 
 def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConfig, Path]:

@@ -658,3 +658,28 @@ def test_a_thousand_random_and_mutated_requests_neither_crash_nor_leak(daemon):
     assert client.status().memory_used == held.nbytes, "fuzzed reservations were not all freed"
     assert_no_segment_leaked(client, daemon.job)
     assert _rss_kb(daemon.process.pid) - rss < 30_000, "the daemon's memory grew over 1,000 requests"
+
+
+def test_a_sigterm_the_kernel_hands_to_any_thread_of_a_daemon_stops_it_cleanly(tmp_path):
+    """A process-directed SIGTERM goes to any thread that does not block it. The daemon's own
+    threads block it for its sigwait; a thread started at import (numpy's BLAS pool) does not,
+    and a SIGTERM landing there once killed a daemon outright (exit -15). Sent straight to each
+    such thread (tgkill), it must stop the daemon cleanly all the same."""
+    import ctypes
+    import platform
+
+    tgkill = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+    daemon = Daemon(tmp_path)
+    pid = daemon.process.pid
+    unblocked = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = open(f"/proc/{pid}/task/{tid}/status").read()
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        if not blocked & (1 << (signal.SIGTERM - 1)):
+            unblocked.append(int(tid))
+    others = [t for t in unblocked if t != pid]  # the main thread shows it unblocked while in sigwait
+    assert others, "no thread of the daemon leaves SIGTERM unblocked: nothing to test here"
+    target = others[0]
+    assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, pid, target, signal.SIGTERM) == 0
+    daemon.process.wait(timeout=60)
+    assert daemon.process.returncode == 0, daemon.process.stderr.read()[-2000:]
