@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -500,15 +501,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def wait_for_stop() -> None:
-    """Until SIGTERM or SIGINT. The threads started after `run` blocked them leave them to the
-    sigwait here; a thread started before (numpy's BLAS pool, at import) does not block them,
-    and a signal the kernel hands to it would kill the process with its default action: a
-    handler catches that one instead, and the wait looks at what it caught twice a second."""
-    caught = threading.Event()
+    """Until SIGTERM or SIGINT. The threads `run` started after blocking them never take them;
+    this thread and any started before (numpy's BLAS pool, at import) may, and a handler
+    catches them there: without one, the default action would kill the process. Python runs
+    a handler only in this thread, between bytecodes, so the wait wakes twice a second to let
+    it; the handler takes no lock, since this thread may hold it. (Not sigtimedwait: after a
+    SIGSTOP that outlasts its timeout, CPython's returns an uninitialised siginfo rather than
+    None, and a daemon stalled for a while stopped when it was resumed.)"""
+    caught = []
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda *_: caught.set())
-    while not caught.is_set() and signal.sigtimedwait(STOP_SIGNALS, 0.5) is None:
-        pass
+        signal.signal(signum, lambda signum, _: caught.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    while not caught:
+        time.sleep(0.5)
 
 
 def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConfig, Path]:

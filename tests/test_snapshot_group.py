@@ -71,8 +71,7 @@ class Group:
         assert client.verify(step).ok
 
     def kill(self, node: int) -> None:
-        self.daemons[node].process.send_signal(signal.SIGKILL)
-        self.daemons[node].process.wait()
+        self.daemons[node].kill()
 
     def replace(self, node: int, announce: bool = True) -> Daemon:
         """A fresh daemon for lost node `node`, at the new port it binds."""
@@ -89,9 +88,16 @@ class Group:
         wait_for(lambda: missing_stripes(client, step) == [], f"node {node}'s parity of step {step}")
 
     def stop(self):
+        """Stop every daemon, then fail naming each that died unexpectedly, with its output."""
+        errors = []
         for d in self.daemons:
-            d.process.send_signal(signal.SIGCONT)  # a test that stalled one may have failed
-            d.stop()
+            if d.process.poll() is None:
+                d.process.send_signal(signal.SIGCONT)  # a test that stalled one may have failed
+            try:
+                d.stop()
+            except AssertionError as e:
+                errors.append(str(e))
+        assert not errors, "\n".join(errors)
 
 
 def test_a_group_on_port_0_learns_its_addresses_before_ranks_deliver(tmp_path):
