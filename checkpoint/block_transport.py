@@ -12,6 +12,8 @@ job, its token and the operation:
   then block_bytes raw bytes.
 - `put`: {step, stripe, source, block_bytes, meta}, followed by block_bytes raw bytes (a data
   block folded into the parity held here). The daemon answers {ok} once all are folded in.
+- `read`: {step, rank, offset, nbytes}: bytes of a rank's committed snapshot (a restore on
+  another node). The answer is a get's, with an empty meta.
 
 A refusal is a frame {ok: false, kind, error}: `kind` is a SnapshotError's (the store refused),
 or unauthenticated (a wrong token) or permission (another job).
@@ -70,8 +72,12 @@ class BlockRefused(Exception):
 class BlockServer:
     """Serves gets and puts of the daemon's job on a port of its own, a thread per connection."""
 
-    def __init__(self, host: str, job: str, token: str, get: GetHandler, put: PutHandler, timeout_s: float):
-        self.job, self.token, self.get, self.put, self.timeout_s = job, token, get, put, timeout_s
+    def __init__(
+        self, host: str, job: str, token: str, get: GetHandler, read: GetHandler, put: PutHandler, timeout_s: float
+    ):
+        self.job, self.token, self.timeout_s = job, token, timeout_s
+        self.sends: dict[str, GetHandler] = {"get": get, "read": read}
+        self.put = put
         self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.closed = False
@@ -91,8 +97,8 @@ class BlockServer:
             try:
                 request = read_frame(conn)
                 self._check(request)
-                if request.get("op") == "get":
-                    meta, size, pieces = self.get(request)
+                if request.get("op") in self.sends:
+                    meta, size, pieces = self.sends[request["op"]](request)
                     with contextlib.closing(pieces):  # it may pin what it sends
                         write_frame(conn, {"ok": True, "meta": meta, "block_bytes": size})
                         for piece in pieces:
@@ -166,16 +172,25 @@ class IncomingBlock:
         self.close()
 
 
-def open_block(address: str, request: dict, timeout_s: float) -> IncomingBlock:
-    """Ask the daemon whose block port is `address` for a block; its bytes follow the answer."""
+def open_block(address: str, request: dict, timeout_s: float, op: str = "get") -> IncomingBlock:
+    """Ask the daemon whose block port is `address` for a block (or, op `read`, a range of a
+    rank's snapshot); its bytes follow the answer."""
     conn = socket.create_connection(_host_port(address), timeout=timeout_s)
     try:
-        write_frame(conn, {**request, "op": "get"})
+        write_frame(conn, {**request, "op": op})
         answer = _answer(conn)
         return IncomingBlock(conn, answer["meta"], int(answer["block_bytes"]))
     except BaseException:
         conn.close()
         raise
+
+
+def read_range(address: str, request: dict, out: memoryview, timeout_s: float) -> None:
+    """Bytes of a rank's committed snapshot, `request`'s range, straight into `out`."""
+    with open_block(address, request, timeout_s, op="read") as answer:
+        if answer.nbytes != out.nbytes:
+            raise ValueError(f"asked for {out.nbytes} bytes, the daemon sends {answer.nbytes}")
+        _receive_into(answer.conn, out)
 
 
 def put_block(address: str, request: dict, pieces: Iterable[bytes | memoryview], timeout_s: float) -> None:

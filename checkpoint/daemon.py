@@ -35,7 +35,6 @@ from checkpoint.snapshot_group import (
     Peers,
     address_port,
     block_range,
-    chunk_bytes,
     newest_common_step,
     range_pieces,
     rebuild,
@@ -122,12 +121,11 @@ def _mapped(method):
 
 
 class Servicer(pb_grpc.SnapshotDaemonServicer):
-    def __init__(self, store: SnapshotStore, max_message_bytes: int, peers: Peers | None = None):
+    def __init__(self, store: SnapshotStore, peers: Peers | None = None):
         self.store, self.peers = store, peers
-        self.chunk = chunk_bytes(max_message_bytes)
         self.materializations = Materializations()
         self.block_port = 0
-        """Where the group's blocks go (0: not in a group)."""
+        """Where bulk bytes go: the group's blocks, and reads of a snapshot from another node."""
 
     def _require_addresses(self) -> None:
         unknown = self.store.group.unknown_peers() if self.store.group else []
@@ -169,6 +167,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def block(self, request: dict) -> tuple[dict, int, Iterator[bytes]]:
         """A get on the block port: this node's data block of a stripe, or the parity it holds."""
         group = self.store.group
+        if group is None:
+            raise SnapshotError("precondition", "this daemon is not part of an erasure-coding group")
         step, index = int(request["step"]), int(request["stripe"])
         if not 0 <= index < len(group.stripes):
             raise SnapshotError("invalid", f"no stripe {index} in a group of {len(group.stripes)}")
@@ -182,6 +182,17 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         start, size = block_range(meta, group.k, group.stripes[index].block_of(group.node))
         views = self.store.hold_share(step)
         return meta, size, _Then(range_pieces(views, start, size), lambda: self.store.unpin(step))
+
+    def read(self, request: dict) -> tuple[dict, int, Iterator[memoryview]]:
+        """A read on the block port: bytes of a rank's committed snapshot, for a restore on
+        another node (this node's ranks map the segment instead)."""
+        step, rank, offset, nbytes = (int(request[key]) for key in ("step", "rank", "offset", "nbytes"))
+        view = self.store.hold_segment(step, rank)
+        if offset < 0 or nbytes < 0 or offset + nbytes > view.nbytes:
+            self.store.unpin(step)
+            raise SnapshotError("invalid", f"bytes {offset}..{offset + nbytes} lie outside rank {rank}'s {view.nbytes}")
+        pieces = _pieces(lambda at, n: view[offset + at : offset + at + n], nbytes)
+        return {}, nbytes, _Then(pieces, lambda: self.store.unpin(step))
 
     @_mapped
     def Rebuild(self, request, context):
@@ -275,27 +286,6 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
     def Locate(self, request, context):
         name, buffers = self.store.locate(request.step, request.rank)
         return pb.LocateReply(segment=name, buffers=[_buffer(b) for b in buffers])
-
-    def Fetch(self, request, context):
-        try:
-            _, buffers = self.store.locate(request.step, request.rank)
-        except SnapshotError as e:
-            context.abort(_STATUS[e.kind], str(e))
-        if request.names:
-            missing = set(request.names) - {b.name for b in buffers}
-            if missing:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"rank {request.rank} holds no buffer {sorted(missing)[0]!r}")
-            buffers = [b for b in buffers if b.name in set(request.names)]
-        buffers = sorted(buffers, key=lambda b: b.offset)
-        yield pb.DataChunk(offset=0, data=b"", buffers=[_buffer(b) for b in buffers])
-        for b in buffers:  # each buffer in order, in chunks
-            end = b.offset + b.nbytes
-            for offset in range(b.offset, end, self.chunk):
-                try:
-                    data = self.store.read(request.step, request.rank, offset, min(self.chunk, end - offset))
-                except SnapshotError as e:  # dropped while being read
-                    context.abort(_STATUS[e.kind], str(e))
-                yield pb.DataChunk(offset=offset, data=data)
 
     @_mapped
     def Verify(self, request, context):
@@ -411,12 +401,11 @@ def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grp
     if store.group is not None:
         _fill_own_address(store.group, port)
         group = Peers(store.group, store.job, token, config.deadline_s, limit)
-    servicer = Servicer(store, limit, group)
-    if group is not None:
-        host = config.listen.rpartition(":")[0]
-        get, put = _refusing(servicer.block), _refusing(store.add_parity)
-        blocks = BlockServer(host, store.job, token, get, put, config.deadline_s)
-        servicer.block_port = blocks.port
+    servicer = Servicer(store, group)
+    host = config.listen.rpartition(":")[0]
+    get, read, put = _refusing(servicer.block), _refusing(servicer.read), _refusing(store.add_parity)
+    blocks = BlockServer(host, store.job, token, get, read, put, config.deadline_s)
+    servicer.block_port = blocks.port
     pb_grpc.add_SnapshotDaemonServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -149,9 +149,9 @@ def fetch_shards_held_elsewhere(job: MaterializeJob, ranks: list[RankSegment]) -
             held = next((s for s in client.list() if s.step == job.step), None)
             for rank in sorted(set(held.ranks if held else ()) - seen):
                 seen.add(rank)
-                meta = json.loads(client.fetch_streamed(job.step, rank, [META])[META])
+                meta = json.loads(client.fetch_remote(job.step, rank, [META])[META])
                 names = [n for n in meta.get("shards", {}) if (meta["tp_rank"], n) in wanted]
-                for name, data in client.fetch_streamed(job.step, rank, names).items() if names else ():
+                for name, data in client.fetch_remote(job.step, rank, names).items() if names else ():
                     part = (tuple(meta["shards"][name]), np.frombuffer(data, np.float32))
                     found.setdefault((meta["tp_rank"], name), []).append(part)
         finally:

@@ -14,7 +14,7 @@ from multiprocessing import shared_memory
 import grpc
 import numpy as np
 
-from checkpoint.block_transport import get_block
+from checkpoint.block_transport import get_block, read_range
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import call_metadata
@@ -38,6 +38,7 @@ class SnapshotClient:
         self.address, self.job, self.token = address, job, token
         self.deadline_s = deadline_s
         self._mapped: dict[str, shared_memory.SharedMemory] = {}  # the most recently used last
+        self._block_address: str | None = None
 
     def mapped(self, segment: str) -> shared_memory.SharedMemory:
         """The daemon's segment `segment`, mapped into this process (kept for the next use)."""
@@ -116,34 +117,40 @@ class SnapshotClient:
                 raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: checksum mismatch")
         return out
 
-    def fetch_streamed(self, step: int, rank: int, names: list[str] | None = None) -> dict[str, bytes]:
-        """The same over the network, in chunks (from another node, or the CLI); only the
-        buffers `names`, when given."""
-        request = pb.FetchRequest(step=step, rank=rank, names=names or [])
-        chunks = self.stub.Fetch(request, timeout=self.deadline_s, metadata=self.metadata)
-        buffers = list(next(chunks).buffers)  # in the order their bytes come
-        parts = {b.name: bytearray() for b in buffers}
-        current = 0
-        for chunk in chunks:
-            while current < len(buffers) and len(parts[buffers[current].name]) == buffers[current].nbytes:
-                current += 1
-            b = buffers[current] if current < len(buffers) else None
-            if b is None or chunk.offset != b.offset + len(parts[b.name]):
-                raise ValueError(f"stream out of order at byte {chunk.offset}")
-            parts[b.name] += chunk.data
+    def fetch_remote(self, step: int, rank: int, names: list[str] | None = None) -> dict[str, bytes]:
+        """The same over the network (from another node, or the CLI), from the daemon's block
+        port; only the buffers `names`, when given."""
+        buffers = {b.name: b for b in self.locate(step, rank).buffers}
+        missing = sorted(set(names or ()) - set(buffers))
+        if missing:
+            raise KeyError(f"rank {rank} holds no buffer {missing[0]!r} in step {step}")
         out = {}
-        for b in buffers:
-            value = bytes(parts[b.name])
-            if len(value) != b.nbytes or checksum(value) != b.crc32c:
-                raise ValueError(f"buffer {b.name!r} of rank {rank}, step {step}: incomplete or failed its checksum")
-            out[b.name] = value
+        for name in names or buffers:
+            b, data = buffers[name], bytearray(buffers[name].nbytes)
+            self.read_into(step, rank, b.offset, memoryview(data))
+            if checksum(data) != b.crc32c:
+                raise ValueError(f"buffer {name!r} of rank {rank}, step {step}: checksum mismatch")
+            out[name] = bytes(data)
         return out
+
+    def read_into(self, step: int, rank: int, offset: int, out: memoryview) -> None:
+        """Bytes [offset, offset + out.nbytes) of `rank`'s committed segment of `step`, into `out`."""
+        request = {"step": step, "rank": rank, "offset": offset, "nbytes": out.nbytes, **self._credentials()}
+        read_range(self.block_address(), request, out, self.deadline_s)
 
     def block(self, step: int, stripe: int, parity: bool) -> np.ndarray:
         """The daemon's data block of `stripe` (or the parity it holds), from its block port."""
-        port = self.status().block_port
-        request = {"step": step, "stripe": stripe, "parity": parity, "job": self.job, "token": self.token}
-        return get_block(f"{self.address.rpartition(':')[0]}:{port}", request, self.deadline_s)[0]
+        request = {"step": step, "stripe": stripe, "parity": parity, **self._credentials()}
+        return get_block(self.block_address(), request, self.deadline_s)[0]
+
+    def block_address(self) -> str:
+        """host:port of the daemon's block port, where bulk bytes come from (asked once)."""
+        if self._block_address is None:
+            self._block_address = f"{self.address.rpartition(':')[0]}:{self.status().block_port}"
+        return self._block_address
+
+    def _credentials(self) -> dict[str, str]:
+        return {"job": self.job, "token": self.token}
 
     def close(self) -> None:
         for shm in self._mapped.values():

@@ -243,7 +243,10 @@ def fetch(clients: list[SnapshotClient], step: int, rank: int, out: Path) -> tup
     for client in clients:
         reply = _try(client.status)
         if reply is not None and rank in reply.expected_ranks:
-            buffers = client.fetch_streamed(step, rank)
+            try:
+                buffers = client.fetch_remote(step, rank)
+            except (BlockRefused, OSError, ValueError) as e:  # dropped meanwhile, or the daemon went away
+                return PROBLEM, [{"step": step, "rank": rank, "error": f"reading its buffers: {e}"}]
             np.savez(out, **{name: np.frombuffer(data, np.uint8) for name, data in buffers.items()})
             size = sum(len(d) for d in buffers.values())
             return OK, [{"step": step, "rank": rank, "buffers": len(buffers), "bytes": size, "out": str(out)}]

@@ -40,11 +40,6 @@ def call_metadata(job: str, token: str) -> tuple[tuple[str, str], ...]:
     return ((JOB_KEY, job), ("authorization", f"Bearer {token}"))
 
 
-def chunk_bytes(max_message_bytes: int) -> int:
-    """Bytes of data per streamed message: well inside the message-size limit."""
-    return max(4096, min(1 << 20, max_message_bytes // 2))
-
-
 @dataclass
 class GroupPlan:
     node: int
@@ -182,7 +177,6 @@ class Peers:
         self.lock = threading.Lock()
         self.metadata, self.deadline_s = call_metadata(job, token), deadline_s
         self.credentials = {"job": job, "token": token}  # on the block port
-        self.chunk = chunk_bytes(max_message_bytes)
         self.set_addresses(list(plan.peers))
 
     def set_addresses(self, addresses: list[str]) -> None:

@@ -85,36 +85,41 @@ def snapshot_extra(state: RankState, plan: list[PlannedPiece], rng: bytes) -> di
 
 
 class SegmentReader:
-    """A committed snapshot of one rank, mapped from its daemon's memory (same node).
+    """A committed snapshot of one rank, from its daemon's memory: mapped when the daemon runs
+    on this node (`local`), else read over the network from its block port.
 
     Offers CheckpointReader's read_many for the same layout: each piece is this rank's own.
     Every buffer is checked against its checksum before its bytes are used.
     """
 
-    def __init__(self, client: SnapshotClient, step: int, rank: int):
+    def __init__(self, client: SnapshotClient, step: int, rank: int, local: bool = True):
         reply = client.locate(step, rank)
-        self.step, self.rank = step, rank
-        self.shm = attach(reply.segment)
+        self.client, self.step, self.rank = client, step, rank
+        self.shm = attach(reply.segment) if local else None
+        self.received = 0
+        """Bytes read over the network."""
         self.buffers = {b.name: (b.offset, b.nbytes) for b in reply.buffers}
         self.checksums = {b.name: b.crc32c for b in reply.buffers}
-        self.meta = json.loads(self._bytes(META))
+        self.meta = json.loads(bytes(self._checked(META)))
         self.state = {**self.meta["run_state"], "layout": self.meta["layout"]}
 
-    def _span(self, name: str) -> tuple[int, int]:
-        """Where buffer `name` lies, once its bytes passed their checksum."""
+    def _checked(self, name: str) -> memoryview:
+        """Buffer `name`'s bytes, once they passed their checksum: a view of the mapped segment
+        (checked the first time), or read anew from the daemon (checked every time)."""
         offset, nbytes = self.buffers[name]
-        expected = self.checksums.pop(name, None)  # each buffer is checked once
-        if expected is not None and checksum(self.shm.buf[offset : offset + nbytes]) != expected:
+        if self.shm is not None:
+            view, expected = self.shm.buf[offset : offset + nbytes], self.checksums.pop(name, None)
+        else:
+            view, expected = memoryview(bytearray(nbytes)), self.checksums[name]
+            self.client.read_into(self.step, self.rank, offset, view)
+            self.received += nbytes
+        if expected is not None and checksum(view) != expected:
             raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
-        return offset, nbytes
-
-    def _bytes(self, name: str) -> bytes:
-        offset, nbytes = self._span(name)
-        return bytes(self.shm.buf[offset : offset + nbytes])
+        return view
 
     @property
     def rng(self) -> bytes:
-        return self._bytes(RNG)
+        return bytes(self._checked(RNG))
 
     @property
     def optimizer_state_keys(self) -> list[str]:
@@ -124,9 +129,8 @@ class SegmentReader:
         return shard_of(self.meta, name)
 
     def array(self, name: str, tp: int) -> np.ndarray:
-        """A saved piece as an array over the segment (no copy): 1-D for a shard."""
-        offset, nbytes = self._span(name)
-        values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
+        """A saved piece as an array (over the mapped segment: no copy); 1-D for a shard."""
+        values = np.frombuffer(self._checked(name), np.float32)
         if self.shard(name):
             return values
         return values.reshape(local_shape(TensorLayout.from_attrs(self.meta["pieces"][name]), tp))
@@ -159,10 +163,9 @@ class SegmentReader:
         if name not in self.buffers:
             raise KeyError(f"the snapshot holds no {name}")
         target = out.data
-        if target.dtype != torch.float32 or target.device.type != "cpu" or not target.is_contiguous():
-            offset, nbytes = self._span(name)
-            values = np.frombuffer(self.shm.buf, np.float32, nbytes // 4, offset)
-            target.copy_(torch.from_numpy(values).view(out.shape).to(out.dtype))
+        plain = target.dtype == torch.float32 and target.device.type == "cpu" and target.is_contiguous()
+        if self.shm is None or not plain:
+            target.copy_(torch.from_numpy(np.frombuffer(self._checked(name), np.float32)).view(out.shape).to(out.dtype))
             return
         # The copy and the checksum check in one pass over the bytes.
         offset, nbytes = self.buffers[name]
@@ -171,7 +174,8 @@ class SegmentReader:
             raise ValueError(f"snapshot of step {self.step}, rank {self.rank}: buffer {name!r} failed its checksum")
 
     def close(self) -> None:
-        release(self.shm)
+        if self.shm is not None:
+            release(self.shm)
 
 
 class GroupReader:
@@ -179,17 +183,19 @@ class GroupReader:
     a node's loss, a survivor holds that node's rebuilt segments too), read onto any layout.
 
     The same mapping as a checkpoint's: each saved piece is placed in its logical tensor by its
-    layout, and the new rank's piece is cut out of that. Segments are mapped by name, so the
-    daemons must run on this machine (the emulated nodes of `stalwart run --nodes K`).
+    layout, and the new rank's piece is cut out of that. `clients[local]` is the daemon of this
+    rank's node: the segments it holds are mapped, and read first (a piece that DP replicas
+    hold alike comes from here); the other daemons' are read over the network.
     """
 
-    def __init__(self, clients: list[SnapshotClient], step: int):
+    def __init__(self, clients: list[SnapshotClient], step: int, local: int | None = None):
         self.ranks: dict[int, SegmentReader] = {}
-        for client in clients:
-            held = next((s for s in client.list() if s.step == step), None)
+        order = sorted(range(len(clients)), key=lambda i: i != local)
+        for i in order:
+            held = next((s for s in clients[i].list() if s.step == step), None)
             for rank in held.ranks if held else ():
                 if rank not in self.ranks:
-                    self.ranks[rank] = SegmentReader(client, step, rank)
+                    self.ranks[rank] = SegmentReader(clients[i], step, rank, local=i == local)
         if not self.ranks:
             raise KeyError(f"no daemon holds a committed snapshot of step {step}")
         first = self.ranks[min(self.ranks)]
@@ -202,6 +208,11 @@ class GroupReader:
     @property
     def optimizer_state_keys(self) -> list[str]:
         return next(iter(self.ranks.values())).optimizer_state_keys
+
+    @property
+    def received(self) -> int:
+        """Bytes read over the network from other nodes' daemons."""
+        return sum(reader.received for reader in self.ranks.values())
 
     def _saved_pieces(self, name: str) -> dict[int, np.ndarray]:
         """TP rank -> that rank's saved piece of `name`: from whichever DP replica comes first,

@@ -362,10 +362,13 @@ class SnapshotStore:
             segment = self._committed_segment(step, rank)
             return segment.shm.name, list(segment.buffers or [])
 
-    def read(self, step: int, rank: int, offset: int, nbytes: int) -> bytes:
+    def hold_segment(self, step: int, rank: int) -> memoryview:
+        """`rank`'s segment of committed `step`, pinned until unpin(step): a restore on
+        another node reads its bytes from it."""
         with self.lock:
             segment = self._committed_segment(step, rank)
-            return bytes(segment.view()[offset : offset + nbytes])
+            self.pins[step] = self.pins.get(step, 0) + 1
+            return segment.view()
 
     def verify(self, step: int) -> list[str]:
         """Problems found re-checking every buffer of a committed step (empty: all good)."""

@@ -72,7 +72,8 @@ class Restored:
 
 RESTORE_FROM, RESTORE_STEP = "STALWART_RESTORE_FROM", "STALWART_RESTORE_STEP"
 """Set by a launcher after a node's loss: the surviving daemons of the previous group (one of
-them holding the lost node's rebuilt share) and the step to restore from them."""
+them holding the lost node's rebuilt share), in the new group's node order (the i-th runs on
+new node i), and the step to restore from them."""
 
 
 class Snapshotter:
@@ -207,13 +208,14 @@ class Snapshotter:
 
     def _restore_from_survivors(self) -> Restored:
         """After a node's loss: every rank's state of the launcher's step, from the surviving
-        daemons of the old group, mapped onto this (smaller) layout."""
+        daemons of the old group, mapped onto this (smaller) layout: this node's old daemon's
+        segments mapped, the other nodes' read over the network."""
         start = time.perf_counter()
         step = int(os.environ[RESTORE_STEP])
         token = read_token(self.daemons.token_file)
         addresses = os.environ[RESTORE_FROM].split(",")
         clients = [SnapshotClient(a, self.daemons.job, token, self.config.deadline_s) for a in addresses]
-        reader = GroupReader(clients, step)
+        reader = GroupReader(clients, step, local=self.daemons.node)
         try:
             same = reader.meta["layout"] == self.state.layout()
             rng = reader.ranks[self.dims.rank].rng if same else None  # another layout keeps fresh seeds
@@ -222,7 +224,10 @@ class Snapshotter:
             reader.close()
             for client in clients:
                 client.close()
-        origin = f"the surviving daemons {','.join(addresses)}, the lost node's share rebuilt from parity"
+        origin = (
+            f"the surviving daemons {','.join(addresses)}, the lost node's share rebuilt from parity; "
+            f"{reader.received / 2**20:.2f} MiB read from other nodes"
+        )
         return Restored(step, reader.meta["layout"], time.perf_counter() - start, origin)
 
     def close(self) -> None:

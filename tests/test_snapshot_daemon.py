@@ -166,7 +166,7 @@ def test_a_step_commits_only_when_every_rank_delivered_and_reads_back_byte_ident
     for rank in (0, 1):
         expected = {k: v.tobytes() for k, v in buffers_of(rank, 5).items()}
         assert client.fetch(5, rank) == expected
-        assert client.fetch_streamed(5, rank) == expected
+        assert client.fetch_remote(5, rank) == expected
     assert client.verify(5).ok
 
 
@@ -277,7 +277,7 @@ def test_calls_without_the_jobs_token_are_refused_and_the_daemon_keeps_serving(d
     anonymous.metadata = ()
     intruders.append((anonymous, grpc.StatusCode.UNAUTHENTICATED))
     for intruder, code in intruders:
-        for call in (intruder.list, lambda i=intruder: i.fetch_streamed(1, 0), lambda i=intruder: i.drop(1)):
+        for call in (intruder.list, lambda i=intruder: i.fetch_remote(1, 0), lambda i=intruder: i.drop(1)):
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == code

@@ -391,20 +391,20 @@ def test_a_crash_between_the_two_commit_phases_still_rebuilds_the_step_some_comm
         group.stop()
 
 
-def test_a_block_get_given_up_before_its_first_piece_still_unpins_its_step():
+def test_a_block_get_or_read_given_up_before_its_first_piece_still_unpins_its_step():
     """A data block is sent straight from its pinned segments. A peer that hangs up before the
     first piece goes out (the block port then closes the pieces unstarted) must not leave the
     step pinned: a pinned step is never dropped, and its memory would be lost to the run."""
     from types import SimpleNamespace
 
     from checkpoint.daemon import Servicer
-    from checkpoint.snapshot_store import BufferInfo, SnapshotStore, checksum
+    from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, checksum
     from tests.test_snapshot_daemon import segments_of
 
     job, page = unique_job(), 4096
     group = GroupPlan(0, ["127.0.0.1:1", "127.0.0.1:2"], parity=1)  # node 1's mirror is held here
     store = SnapshotStore(job, 0, [0, 1], memory_limit=1 << 24, group=group)
-    servicer = Servicer(store, 4 << 20)
+    servicer = Servicer(store)
     try:
         for rank in (0, 1):
             store.reserve(1, rank, page)
@@ -423,6 +423,17 @@ def test_a_block_get_given_up_before_its_first_piece_still_unpins_its_step():
         assert store.pins == {}
         _, size, pieces = servicer.block(own)  # sent whole: unpinned once the last piece is out
         assert sum(len(p) for p in pieces) == size == 2 * page and store.pins == {}
+        # The same for a read of a rank's bytes (a restore on another node), which also
+        # refuses a range past the segment without leaving the step pinned.
+        read = {"step": 1, "rank": 1, "offset": 100, "nbytes": 50}
+        _, size, pieces = servicer.read(read)
+        assert store.pins == {1: 1}
+        pieces.close()
+        _, size, pieces = servicer.read(read)
+        assert b"".join(pieces) == bytes([2]) * 50 and store.pins == {}
+        with pytest.raises(SnapshotError, match=f"bytes {page - 10}..{page + 40} lie outside rank 1's {page}"):
+            servicer.read({**read, "offset": page - 10})
+        assert store.pins == {}
     finally:
         store.close()
     assert segments_of(job) == []

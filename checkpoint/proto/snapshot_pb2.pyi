@@ -115,14 +115,12 @@ class ListReply(_message.Message):
     def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("step", "rank", "names")
+    __slots__ = ("step", "rank")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
-    NAMES_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
-    names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class LocateReply(_message.Message):
     __slots__ = ("segment", "buffers")
@@ -131,16 +129,6 @@ class LocateReply(_message.Message):
     segment: str
     buffers: _containers.RepeatedCompositeFieldContainer[Buffer]
     def __init__(self, segment: _Optional[str] = ..., buffers: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ...) -> None: ...
-
-class DataChunk(_message.Message):
-    __slots__ = ("offset", "data", "buffers")
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    BUFFERS_FIELD_NUMBER: _ClassVar[int]
-    offset: int
-    data: bytes
-    buffers: _containers.RepeatedCompositeFieldContainer[Buffer]
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., buffers: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("step",)

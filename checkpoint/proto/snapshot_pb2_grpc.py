@@ -59,11 +59,6 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.LocateReply.FromString,
                 _registered_method=True)
-        self.Fetch = channel.unary_stream(
-                '/stalwart.snapshot.v1.SnapshotDaemon/Fetch',
-                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.SerializeToString,
-                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.DataChunk.FromString,
-                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/stalwart.snapshot.v1.SnapshotDaemon/Verify',
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.VerifyRequest.SerializeToString,
@@ -130,15 +125,9 @@ class SnapshotDaemonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Locate(self, request, context):
-        """A rank's buffers of a committed step: the segment to map (same node), or the bytes
-        streamed in chunks.
+        """A rank's buffers of a committed step: the segment to map (same node) and where each
+        buffer lies in it (another node reads those bytes from the block port: `read`).
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Fetch(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -219,11 +208,6 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.Locate,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.LocateReply.SerializeToString,
-            ),
-            'Fetch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Fetch,
-                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.FromString,
-                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.DataChunk.SerializeToString,
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
@@ -391,33 +375,6 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/Locate',
             checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.LocateReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Fetch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/stalwart.snapshot.v1.SnapshotDaemon/Fetch',
-            checkpoint_dot_proto_dot_snapshot__pb2.FetchRequest.SerializeToString,
-            checkpoint_dot_proto_dot_snapshot__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,
