@@ -10,13 +10,13 @@ copy wait for the writer (back-pressure); staging memory never grows past the ri
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
@@ -38,13 +38,18 @@ class WriterDied(CheckpointError):
 
 
 class StagingRing:
-    """A fixed shared-memory byte ring; its header's freed counter is advanced by the writer."""
+    """A fixed shared-memory byte ring; its header's freed counter is advanced by the writer.
+
+    Anonymous memory (memfd) handed to the writer by descriptor: it has no name in /dev/shm,
+    so nothing can be left behind there, whichever process dies, and no other user can map it.
+    """
 
     def __init__(self, size: int):
         self.size = size
-        self.shm = shared_memory.SharedMemory(create=True, size=size + HEADER_BYTES)
-        os.chmod(f"/dev/shm/{self.shm.name.lstrip('/')}", 0o600)  # the job's user only
-        self.header, self.buffer = ring_views(self.shm.buf, size)
+        self.fd = os.memfd_create("stalwart-staging-ring", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size + HEADER_BYTES)
+        self.map = mmap.mmap(self.fd, size + HEADER_BYTES)
+        self.header, self.buffer = ring_views(self.map, size)
         self.header[:] = 0
         self.head = 0
         self.peak_bytes = 0
@@ -70,8 +75,8 @@ class StagingRing:
 
     def close(self) -> None:
         del self.header, self.buffer
-        self.shm.close()
-        self.shm.unlink()
+        self.map.close()
+        os.close(self.fd)
 
 
 class Sink(Protocol):
@@ -287,9 +292,9 @@ def _start_writer(ring: StagingRing) -> tuple[subprocess.Popen, Connection, Conn
     """
     requests_read, requests_write = os.pipe()
     replies_read, replies_write = os.pipe()
-    command = [sys.executable, "-m", "checkpoint.writer", "--shm", ring.shm.name, "--ring-size", str(ring.size)]
+    command = [sys.executable, "-m", "checkpoint.writer", "--ring-fd", str(ring.fd), "--ring-size", str(ring.size)]
     command += ["--requests-fd", str(requests_read), "--replies-fd", str(replies_write)]
-    writer = subprocess.Popen(command, pass_fds=(requests_read, replies_write), env=_writer_env())
+    writer = subprocess.Popen(command, pass_fds=(ring.fd, requests_read, replies_write), env=_writer_env())
     os.close(requests_read)
     os.close(replies_write)
     return writer, Connection(requests_write, readable=False), Connection(replies_read, writable=False)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import enum
 import json
+import mmap
 import os
 import shutil
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -116,12 +116,10 @@ def ring_views(buffer, ring_size: int) -> tuple[np.ndarray, np.ndarray]:
     return header, ring
 
 
-def serve(shm_name: str, ring_size: int, requests: Connection, replies: Connection, trainer_pid: int) -> None:
+def serve(ring_fd: int, ring_size: int, requests: Connection, replies: Connection, trainer_pid: int) -> None:
     """Handle requests until told to stop or until the trainer is gone (its pipe closes)."""
-    shm = shared_memory.SharedMemory(name=shm_name)
-    # Python 3.11 registers even an attached segment for removal at exit; the trainer owns it.
-    resource_tracker.unregister(shm._name, "shared_memory")
-    header, ring = ring_views(shm.buf, ring_size)
+    shm = mmap.mmap(ring_fd, HEADER_BYTES + ring_size)
+    header, ring = ring_views(shm, ring_size)
     written: dict[str, dict[str, list[str]]] = {}
     commits = PendingCommits(trainer_pid, header)
     try:
@@ -334,7 +332,7 @@ def apply_retention(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
 def main() -> None:
     """Entry of the writer process, started by checkpoint.engine with inherited pipe ends."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shm", required=True)
+    parser.add_argument("--ring-fd", type=int, required=True, help="the staging ring (memfd), inherited")
     parser.add_argument("--ring-size", type=int, required=True)
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--replies-fd", type=int, required=True)
@@ -344,7 +342,7 @@ def main() -> None:
     requests = Connection(args.requests_fd, writable=False)
     replies = Connection(args.replies_fd, readable=False)
     # The trainer that started us; once it is gone (we are re-parented) we stop waiting for anything.
-    serve(args.shm, args.ring_size, requests, replies, trainer_pid=os.getppid())
+    serve(args.ring_fd, args.ring_size, requests, replies, trainer_pid=os.getppid())
 
 
 if __name__ == "__main__":

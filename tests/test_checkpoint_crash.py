@@ -117,8 +117,8 @@ def job_processes(job: Started) -> list[Process]:
     found = []
     for pid, cmd in descendants(job.pid):
         if "checkpoint.writer" in cmd:
-            shm = cmd[cmd.index("--shm") + 1]
-            header = np.memmap(f"/dev/shm/{shm}", dtype=np.int64, mode="r", shape=(8,))
+            ring = cmd[cmd.index("--ring-fd") + 1]  # anonymous memory: mapped through the writer's descriptor
+            header = np.memmap(f"/proc/{pid}/fd/{ring}", dtype=np.int64, mode="r", shape=(8,))
             trainer = parent_of(pid)
             rank = int(environment(pid)["RANK"])
             found += [Process(pid, rank, "writer", header), Process(trainer, rank, "trainer", header)]
