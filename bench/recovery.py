@@ -106,7 +106,7 @@ def drop_from_page_cache(root: Path) -> None:
 
 def restore_times(tmp: Path, data: Path, rounds: int) -> dict:
     """A rank restoring the big model's state from the daemon's memory and from disk, in turn."""
-    from launcher.local import LocalDaemons, LocalRanks, rank_command
+    from launcher.local import LocalDaemons, LocalRanks, trainer_args
 
     run_dir = tmp / "restore"
     config = write_config(
@@ -124,7 +124,7 @@ def restore_times(tmp: Path, data: Path, rounds: int) -> dict:
         def ranks(with_daemons: bool) -> None:
             extra = daemons.env(0) if with_daemons else {}
             overrides = [] if with_daemons else ["snapshot.interval=0"]
-            launched = LocalRanks(rank_command(str(config), overrides), 1, [{**env(2), **extra}])
+            launched = LocalRanks(trainer_args(str(config), overrides), 1, [{**env(2), **extra}])
             codes = launched.wait()
             if codes != [0]:
                 raise RuntimeError(f"the restoring rank exited with {codes}")
@@ -145,6 +145,19 @@ def restore_times(tmp: Path, data: Path, rounds: int) -> dict:
     return {f"restore_{k}_s": statistics.median(v) for k, v in seconds.items()} | {"checkpoint_bytes": nbytes}
 
 
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of a rank `stalwart run` forked (named `stalwart-rN`, below its fork server)."""
+    stack = [launcher_pid]
+    while stack:
+        pid = stack.pop()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split():
+                if open(f"/proc/{child}/comm").read().strip() == f"stalwart-r{rank}":
+                    return int(child)
+                stack.append(int(child))
+    raise RuntimeError(f"no rank {rank} below process {launcher_pid}")
+
+
 def kill_to_step(tmp: Path, data: Path) -> dict:
     """SIGKILL one of two ranks mid-run; from the kill to the next completed step."""
     run_dir = tmp / "kill"
@@ -156,10 +169,8 @@ def kill_to_step(tmp: Path, data: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 10:
         time.sleep(0.05)
-    children = open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split()
-    ranks = [int(p) for p in children if open(f"/proc/{p}/cmdline").read().split("\0")[1:3] == ["-m", "trainer"]]
     killed_at = time.time()
-    os.kill(max(ranks), signal.SIGKILL)
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGKILL)
     launcher.communicate(timeout=600)
     event = json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])
     first = next(r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] == event["step"] + 1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -54,11 +56,12 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def rank_command(config_path: str, overrides: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "trainer", config_path]
+def trainer_args(config_path: str, overrides: list[str]) -> list[str]:
+    """The arguments of `python -m trainer` for this config and overrides."""
+    args = [config_path]
     for assignment in overrides:
-        command += ["--set", assignment]
-    return command
+        args += ["--set", assignment]
+    return args
 
 
 def job_exit_code(codes: list[int]) -> int:
@@ -91,18 +94,21 @@ for a dead peer would otherwise wait for the whole process-group timeout."""
 class LocalRanks:
     """The ranks of one attempt of a run on this machine: started together, watched, and
     stopped together. The rendezvous store lives here, on a port the system picked, so that
-    nothing can take the port between choosing and binding it."""
+    nothing can take the port between choosing and binding it.
 
-    def __init__(self, command: list[str], nproc: int, env: list[dict]):
+    Each rank is forked warm (trainer/warm.py): from a fork server that imported torch and
+    megatron-core once for the whole run, first start and restarts alike."""
+
+    def __init__(self, args: list[str], nproc: int, env: list[dict]):
         from torch.distributed import TCPStore
 
         self.store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
-        self.processes = [
-            subprocess.Popen(
-                command, env=self._env(env[rank], rank, nproc), preexec_fn=_die_with_launcher(signal.SIGKILL)
-            )
-            for rank in range(nproc)
-        ]
+        forks = warm_forks()
+        self.processes = []
+        for rank in range(nproc):
+            process = forks.Process(target=_warm_rank, args=(args, self._env(env[rank], rank, nproc)))
+            process.start()
+            self.processes.append(process)
 
     def _env(self, env: dict, rank: int, nproc: int) -> dict:
         return {
@@ -117,22 +123,45 @@ class LocalRanks:
             "TORCHELASTIC_USE_AGENT_STORE": "True",
         }
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
     def signal(self, signum: int) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signum)
+            if process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):  # it ended just now
+                    os.kill(process.pid, signum)
 
     def wait(self) -> list[int]:
-        """Every rank's exit code; once one ends badly, the rest get PEER_EXIT_GRACE_S, then SIGKILL."""
+        """Every rank's exit code (negative: killed by that signal); once one ends badly, the
+        rest get PEER_EXIT_GRACE_S, then SIGKILL."""
         deadline = None
-        while any(p.poll() is None for p in self.processes):
-            bad = [p for p in self.processes if p.poll() not in (None, EXIT_OK)]
+        while any(p.exitcode is None for p in self.processes):
+            bad = [p for p in self.processes if p.exitcode not in (None, EXIT_OK)]
             if bad and deadline is None:
                 deadline = time.monotonic() + PEER_EXIT_GRACE_S
             if deadline is not None and time.monotonic() > deadline:
                 self.signal(signal.SIGKILL)
             time.sleep(0.05)
-        return [p.returncode for p in self.processes]
+        return [p.exitcode for p in self.processes]
+
+
+def warm_forks() -> multiprocessing.context.BaseContext:
+    """Where ranks are forked from: multiprocessing's fork server, started at the first rank
+    with trainer.warm imported. It takes this process's environment when it starts, and
+    ends when this process does (its ranks die with it: see trainer.warm)."""
+    forks = multiprocessing.get_context("forkserver")
+    forks.set_forkserver_preload(["trainer.warm"])
+    return forks
+
+
+def _warm_rank(args: list[str], env: dict[str, str]) -> None:
+    """A rank's body, run in the fork server's child (trainer.warm is imported there already;
+    importing it here, in the launcher, would cost the very seconds the fork server saves)."""
+    from trainer.warm import run_rank
+
+    run_rank(args, env)
 
 
 def _die_with_launcher(signum: int):
@@ -333,9 +362,10 @@ def should_restart(code: int, steps_at_crashes: list[int | None], max_restarts: 
 def launch_local(config: Config, config_path: str, overrides: list[str], nproc: int, nodes: int = 1) -> int:
     """Run the ranks on this machine until they end, with one snapshot daemon per emulated node;
     restart crashed ranks inside the job; SIGTERM/SIGUSR1 are passed on to the ranks."""
+    # In this process's own environment: the fork server the ranks come from starts with it.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    env.setdefault("PYTHONWARNINGS", "ignore")
     snapshots = config.snapshot.interval != 0
     run_dir, parity = Path(config.run.dir), config.snapshot.parity
     daemons = LocalDaemons(config_path, overrides, run_dir, nodes, nproc, parity) if snapshots else None
@@ -349,7 +379,7 @@ def launch_local(config: Config, config_path: str, overrides: list[str], nproc: 
     try:
         while True:
             rank_env = [dict(env, **(daemons.env(rank) if daemons else {}), **restore) for rank in range(nproc)]
-            current.append(LocalRanks(rank_command(config_path, [*overrides, *layout]), nproc, rank_env))
+            current.append(LocalRanks(trainer_args(config_path, [*overrides, *layout]), nproc, rank_env))
             code = job_exit_code(current[-1].wait())
             lost = daemons.dead_nodes() if daemons else []
             if code == EXIT_CRASHED and lost and len(lost) < len(daemons.processes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,4 +216,18 @@ def descendants(pid: int) -> list[tuple[int, list[str]]]:
             if command := argv(child):
                 found.append((child, command))
             stack.append(child)
+    return found
+
+
+def ranks_below(pid: int) -> dict[int, int]:
+    """Rank -> pid of the training ranks below `pid` (a launcher). `stalwart run` forks them
+    from its fork server and names each after its rank (`stalwart-r3`: trainer/warm.py)."""
+    found = {}
+    for child, _ in descendants(pid):
+        try:
+            name = (Path("/proc") / str(child) / "comm").read_text().strip()
+        except OSError:  # gone
+            continue
+        if match := re.fullmatch(r"stalwart-r(\d+)", name):
+            found[int(match.group(1))] = child
     return found

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, children_of, environment, rank_env, start_stalwart_run, write_tiny_config
+from tests.conftest import (
+    REPO,
+    children_of,
+    descendants,
+    rank_env,
+    ranks_below,
+    start_stalwart_run,
+    write_tiny_config,
+)
 from trainer.metrics import read_metrics
 
 # The demo's model (configs/demo.yaml) on the small dataset, 4 ranks on 2 emulated nodes.
@@ -40,8 +48,8 @@ def finish(run, timeout=TIMEOUT_S):
 
 
 def ranks_of(launcher_pid: int) -> list[int]:
-    """The launcher's training ranks (its other children are the snapshot daemons)."""
-    return sorted(pid for pid, command in children_of(launcher_pid).items() if command[1:3] == ["-m", "trainer"])
+    """The launcher's training ranks' pids, in rank order."""
+    return [pid for _, pid in sorted(ranks_below(launcher_pid).items())]
 
 
 def newest_step(metrics) -> int:
@@ -110,7 +118,7 @@ def test_twenty_sigkills_of_random_ranks_each_restore_from_memory_and_train_on_b
         wait_until(lambda s=since: newest_step(metrics) >= s + 2, run, f"training after restore {kill}")
         time.sleep(rng.uniform(0.0, 0.4))
         victim = rng.randrange(4)
-        pids = sorted(ranks_of(run.pid), key=rank_of)
+        pids = ranks_of(run.pid)
         assert len(pids) == 4, pids
         killed_at.append(time.time())
         os.kill(pids[victim], signal.SIGKILL)
@@ -228,10 +236,6 @@ def test_snapshot_materialize_writes_the_checkpoint_the_ranks_would_and_it_resum
     assert [r["step"] for r in read_metrics(tmp_path / "tp2" / "metrics.jsonl")][-2:] == [step + 1, step + 2]
 
 
-def rank_of(pid: int) -> int:
-    return int(environment(pid)["RANK"])
-
-
 def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_path, small_dataset):
     """3 emulated nodes x 2 ranks with parity 1; node 2's daemon and ranks are SIGKILLed together.
     The run continues at DP4 on the two survivors from memory, loses no committed step, and
@@ -251,7 +255,7 @@ def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_
     daemon = [
         pid for pid, cmd in children.items() if "checkpoint.daemon" in cmd and cmd[cmd.index("--node") + 1] == "2"
     ]
-    ranks = {rank_of(pid): pid for pid, cmd in children.items() if cmd[1:3] == ["-m", "trainer"]}
+    ranks = ranks_below(run.pid)
     assert len(daemon) == 1 and sorted(ranks) == list(range(6)), children
     committed = newest_committed(tmp_path / "run")
     for pid in [*daemon, ranks[4], ranks[5]]:  # node 2: its daemon and ranks 4 and 5
@@ -383,15 +387,14 @@ def test_a_launcher_killed_leaves_no_rank_or_daemon_behind(tmp_path, small_datas
     config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400")
     run = start_run(config, *LAYOUT)
     wait_until(lambda: newest_step(tmp_path / "run" / "metrics.jsonl") >= 2, run, "two steps")
-    children = children_of(run.pid)
-    assert len(children) == 6, children  # two daemons, four ranks
+    below = dict(descendants(run.pid))  # the daemons, the ranks, their fork server and helpers
+    daemons = [pid for pid, cmd in below.items() if "checkpoint.daemon" in cmd]
+    assert len(daemons) == 2 and sorted(ranks_below(run.pid)) == [0, 1, 2, 3], below
     os.kill(run.pid, signal.SIGKILL)
     run.process.wait()
     deadline = time.monotonic() + 60
-    while any(
-        os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children
-    ):
-        assert time.monotonic() < deadline, f"outlived the launcher: {children}"
+    while left := [pid for pid in below if alive(pid)]:
+        assert time.monotonic() < deadline, f"outlived the launcher: {[below[pid] for pid in left]}"
         time.sleep(0.1)
 
 

@@ -7,7 +7,7 @@ import time
 
 from checkpoint.commands import verify_checkpoint
 from checkpoint.universal import find_resume_checkpoint
-from tests.conftest import children_of, environment, start_stalwart_run, write_tiny_config
+from tests.conftest import ranks_below, start_stalwart_run, write_tiny_config
 from trainer.errors import EXIT_REQUEUE
 from trainer.metrics import read_metrics
 
@@ -26,8 +26,7 @@ def finish(run):
 
 def rank_pids(launcher_pid: int) -> list[int]:
     """The launcher's ranks (its other child is the snapshot daemon), in rank order."""
-    trainers = [pid for pid, command in children_of(launcher_pid).items() if command[1:3] == ["-m", "trainer"]]
-    return sorted(trainers, key=lambda pid: int(environment(pid)["RANK"]))
+    return [pid for _, pid in sorted(ranks_below(launcher_pid).items())]
 
 
 def wait_for_step(metrics, step, process):
