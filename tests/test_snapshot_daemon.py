@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from checkpoint.daemon import write_token
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
-from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, attach, checksum
+from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, attach, checksum, unlink_segments
 from tests.conftest import REPO, Started, rank_env
 
 START_TIMEOUT_S = 120
@@ -95,6 +95,7 @@ class Daemon:
         self.started = Started(command, env=rank_env(1), cwd=REPO)
         self.process = self.started.process
         self.killed = False  # by the test, on purpose
+        self.node = int(extra[list(extra).index("--node") + 1]) if "--node" in extra else 0
         self.address = self.printed_address() if wait else ""
 
     def printed_address(self) -> str:
@@ -125,7 +126,8 @@ class Daemon:
         """SIGTERM, which must end the daemon and free every segment it made. The daemon bounds its
         own server stop to 5 s; the rest of the guard is for a loaded machine. A daemon that the
         test did not kill and that is gone already fails the test with what it printed."""
-        if self.killed:
+        if self.killed:  # its shared memory outlived it, as it would in a run: free it, as a launcher does
+            unlink_segments(self.job, self.node)
             return
         if self.process.poll() is not None:
             code = self.process.returncode

@@ -14,6 +14,7 @@ from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import commit_group
 from checkpoint.snapshot_commands import missing_stripes, verify
 from checkpoint.snapshot_group import GroupPlan
+from checkpoint.snapshot_store import unlink_segments
 from tests.conftest import REPO, rank_env
 from tests.test_snapshot_daemon import Daemon, buffers_of, segment_of, step_state, unique_job, wait_for
 
@@ -29,6 +30,7 @@ class Group:
     def __init__(self, tmp_path, nodes: int, parity: int, settings: list[str] = (), announce: bool = True):
         self.tmp_path, self.parity, self.settings = tmp_path, parity, list(settings)
         self.job, self.token_file = unique_job(), tmp_path / "job.token"
+        self.killed: set[int] = set()  # nodes whose daemon the test killed
         self.peers = [UNKNOWN] * nodes
         self.daemons = [self._start(n) for n in range(nodes)]
         for daemon in self.daemons:
@@ -72,6 +74,7 @@ class Group:
 
     def kill(self, node: int) -> None:
         self.daemons[node].kill()
+        self.killed.add(node)
 
     def replace(self, node: int, announce: bool = True) -> Daemon:
         """A fresh daemon for lost node `node`, at the new port it binds."""
@@ -97,6 +100,8 @@ class Group:
                 d.stop()
             except AssertionError as e:
                 errors.append(str(e))
+        for node in self.killed:  # what they left (shared memory outlives them), as a launcher would
+            unlink_segments(self.job, node)
         assert not errors, "\n".join(errors)
 
 
