@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from checkpoint.block_transport import PIECE, BlockRefused, BlockServer
 from checkpoint.config import SnapshotConfig
 from checkpoint.erasure import ErasureError
-from checkpoint.materialize import Materializations, MaterializeJob
+from checkpoint.materialize import Materializations, MaterializeJob, writer_forks
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import (
@@ -468,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
         peers = args.peers.split(",") if args.peers else None
         if peers:
             check_peers(args.node, peers)
+        writer_forks(start_now=True)  # before the mask below, which its writers would inherit
         # Every thread the server starts inherits this mask: the stop signals are left to
         # wait_for_stop() below, and no gRPC or rebuild thread is interrupted by them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

@@ -1,7 +1,7 @@
 """Writing a committed snapshot as a universal checkpoint, straight from the daemons' memory.
 
-Each daemon runs this in a process of its own for its node's share (`python -m
-checkpoint.materialize`, the job on stdin), so that the training ranks copy their state once
+Each daemon runs this in a process of its own for its node's share (forked warm from a fork
+server that imported this module; `stalwart-writer` in ps), so that the training ranks copy their state once
 per step (into the daemon) and a checkpoint write that dies never harms the snapshot tier:
 the daemon keeps the step pinned until the process has exited. The chunks, RNG files, done
 markers, commit and retention are those of the checkpoint writer (checkpoint/writer.py), so
@@ -15,23 +15,24 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint.layout import TensorLayout, chunks_of, join_shards, local_shape
-from checkpoint.snapshot_store import attach
+from checkpoint.snapshot_client import SnapshotClient
+from checkpoint.snapshot_store import MappedSegment, attach
 from checkpoint.universal import FORMAT, VERSION, create_arrays, create_root_group, write_json_atomic
 from checkpoint.writer import FinishStep, apply_retention, finish_step, rank_markers, write_chunk_file
+from parallel.processes import name_process, warm_forks
 
 META, RNG = "meta.json", "rng"
 """The small buffers of a rank's snapshot beside its pieces (see checkpoint/snapshot_sink.py)."""
@@ -64,7 +65,7 @@ class RankSegment:
 
     def __init__(self, rank: int, segment: str, buffers: dict[str, tuple[int, int]]):
         self.rank, self.buffers = rank, buffers
-        self.shm: shared_memory.SharedMemory = attach(segment)
+        self.shm: MappedSegment = attach(segment)
         self.meta = json.loads(self.bytes(META))
 
     def bytes(self, name: str) -> bytes:
@@ -96,7 +97,7 @@ def shard_of(meta: dict, name: str) -> tuple[int, int] | None:
     return tuple(shard) if shard else None
 
 
-def release(shm: shared_memory.SharedMemory) -> None:
+def release(shm: MappedSegment) -> None:
     """Unmap a daemon's segment once the arrays viewing it are gone (a view kept alive by a
     reference cycle goes at the next collection; one still alive keeps the mapping, harmlessly,
     until the process exits: the daemon owns the segment either way). A full collection is
@@ -139,8 +140,6 @@ Shards = dict[tuple[int, str], list[tuple[tuple[int, int], np.ndarray]]]
 
 def fetch_shards_held_elsewhere(job: MaterializeJob, ranks: list[RankSegment]) -> Shards:
     """The shards of the pieces these ranks write that ranks on other daemons hold."""
-    from checkpoint.snapshot_client import SnapshotClient
-
     wanted = {(r.meta["tp_rank"], name) for r in ranks for name in r.meta["writes"] if not r.holds_whole(name)}
     seen, found = {r.rank for r in ranks}, {}
     for address in job.peers if wanted else []:
@@ -235,7 +234,7 @@ class Materializations:
     def __init__(self):
         self.by_root: dict[str, dict] = {}  # root -> {"step", "root", "state", "error"}, oldest first
         self.queue: list[tuple[MaterializeJob, dict, object]] = []
-        self.process: subprocess.Popen | None = None
+        self.process: multiprocessing.process.BaseProcess | None = None
         self.stopped = False
         self.lock = threading.Lock()
 
@@ -263,22 +262,20 @@ class Materializations:
             return
         job, record, on_exit = self.queue.pop(0)
         record["state"] = "running"
-        self.process = process = subprocess.Popen(
-            [sys.executable, "-m", "checkpoint.materialize"],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_child_env(),
-        )
+        errors, report = multiprocessing.Pipe(duplex=False)
+        self.process = process = writer_forks().Process(target=write_share, args=(job, report), daemon=True)
+        process.start()
+        report.close()
 
         def watch() -> None:
             try:
-                _, err = process.communicate(json.dumps(dataclasses.asdict(job)))
-                record["error"] = "" if process.returncode == 0 else "\n".join(err.strip().splitlines()[-5:])
-                record["state"] = "done" if process.returncode == 0 else "failed"
-                if process.returncode != 0:
+                process.join()
+                record["error"] = "" if process.exitcode == 0 else _failure(errors, process.exitcode)
+                record["state"] = "done" if process.exitcode == 0 else "failed"
+                if process.exitcode != 0:
                     _leave_failure_marker(job)
             finally:
+                errors.close()
                 on_exit()
                 with self.lock:
                     self.process = None
@@ -294,6 +291,14 @@ class Materializations:
                 self.process.kill()
 
 
+def _failure(errors, exitcode: int) -> str:
+    """What a failed writer reported, or how it ended (killed: no report)."""
+    try:
+        return errors.recv()
+    except EOFError:
+        return f"the writer was killed by signal {-exitcode}" if exitcode < 0 else f"the writer exited with {exitcode}"
+
+
 def _leave_failure_marker(job: MaterializeJob) -> None:
     try:
         marker = failure_marker(job.root, job.token)
@@ -303,26 +308,26 @@ def _leave_failure_marker(job: MaterializeJob) -> None:
         pass  # the others time out instead
 
 
-def _child_env() -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+WRITER_NAME = "stalwart-writer"
+"""What ps and top show for a daemon's checkpoint writer."""
 
 
-def main() -> int:
+def writer_forks(start_now: bool = False):
+    """Where a daemon's writers are forked from: a fork server that imported this module once
+    (half a CPU-second per checkpoint otherwise, taken from the training ranks' cores)."""
+    return warm_forks("checkpoint.materialize", start_now)
+
+
+def write_share(job: MaterializeJob, report) -> None:
+    """A writer's body, in a process of its own; a failure's last lines go to `report`."""
+    name_process(WRITER_NAME)
     # Background work, at a low priority but not idle-only: where training takes every core, a
     # writer that got no CPU at all would pin its snapshot (and the next ones) indefinitely.
     os.nice(10)
-    raw = json.loads(sys.stdin.read())
-    raw["segments"] = [
-        (rank, name, {k: tuple(v) for k, v in buffers.items()}) for rank, name, buffers in raw["segments"]
-    ]
     try:
-        materialize(MaterializeJob(**raw))
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        materialize(job)
+    except BaseException:
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)  # the daemon's log
+        report.send("\n".join(text.strip().splitlines()[-5:]))
+        sys.exit(1)

@@ -9,7 +9,6 @@ buffers = client.fetch(step, rank)                           # after a restart
 from __future__ import annotations
 
 from collections.abc import Mapping
-from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
@@ -18,7 +17,7 @@ from checkpoint.block_transport import get_block, read_range
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import call_metadata
-from checkpoint.snapshot_store import attach, checksum, copy_checksummed
+from checkpoint.snapshot_store import MappedSegment, attach, checksum, copy_checksummed
 
 ALIGN = 64
 """Buffers start at multiples of this in a segment (cache lines; SIMD-friendly reads)."""
@@ -37,10 +36,10 @@ class SnapshotClient:
         self.metadata = call_metadata(job, token)
         self.address, self.job, self.token = address, job, token
         self.deadline_s = deadline_s
-        self._mapped: dict[str, shared_memory.SharedMemory] = {}  # the most recently used last
+        self._mapped: dict[str, MappedSegment] = {}  # the most recently used last
         self._block_address: str | None = None
 
-    def mapped(self, segment: str) -> shared_memory.SharedMemory:
+    def mapped(self, segment: str) -> MappedSegment:
         """The daemon's segment `segment`, mapped into this process (kept for the next use)."""
         shm = self._mapped.pop(segment, None) or attach(segment)
         self._mapped[segment] = shm
@@ -159,7 +158,7 @@ class SnapshotClient:
         self.channel.close()
 
 
-def _unmap(shm: shared_memory.SharedMemory) -> None:
+def _unmap(shm: MappedSegment) -> None:
     try:
         shm.close()
     except BufferError:  # a view of it is still alive: the mapping goes with the process

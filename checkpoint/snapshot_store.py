@@ -16,10 +16,12 @@ Checksums are CRC-32C, computed by the rank as it copies and checked where the b
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import secrets
 import threading
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import google_crc32c
@@ -541,6 +543,10 @@ def checksum_problem(buf, buffers) -> str | None:
     return None
 
 
+SHM_DIR = Path("/dev/shm")
+"""Where POSIX shared memory lives on Linux (shm_open's names)."""
+
+
 def segment_prefix(job: str, node: int) -> str:
     """How the names of a daemon's segments begin (in /dev/shm)."""
     return f"stalwart-{job}-n{node}-"
@@ -549,7 +555,7 @@ def segment_prefix(job: str, node: int) -> str:
 def unlink_segments(job: str, node: int) -> int:
     """Free the segments a daemon of `job` left when it was killed (SIGKILL runs no cleanup,
     and shared memory outlives its processes); how many there were."""
-    doomed = list(Path("/dev/shm").glob(segment_prefix(job, node) + "*"))
+    doomed = list(SHM_DIR.glob(segment_prefix(job, node) + "*"))
     for path in doomed:
         path.unlink(missing_ok=True)
     return len(doomed)
@@ -563,9 +569,30 @@ def _release(segment: Segment) -> None:
         pass
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Map a daemon's segment without adopting it: this process's exit must not unlink it
-    (Python 3.11 registers even attached segments for removal)."""
-    shm = shared_memory.SharedMemory(name=name)
-    resource_tracker.unregister(shm._name, "shared_memory")
-    return shm
+class MappedSegment:
+    """A daemon's segment as another process maps it: `buf` as with SharedMemory, but no
+    resource tracker is told of it. Python 3.11's SharedMemory registers even a segment it
+    only attaches, for removal at exit; undoing that at once, as this once did, removed the
+    daemon's own registration from the tracker a writer forked from the daemon's fork server
+    shares with it."""
+
+    def __init__(self, name: str):
+        fd = os.open(SHM_DIR / name.lstrip("/"), os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self.name, self.size = name, len(self._mmap)
+        self.buf: memoryview | None = memoryview(self._mmap)
+
+    def close(self) -> None:
+        """Unmap; BufferError (and still mapped) while an array viewing it is alive."""
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+        self._mmap.close()
+
+
+def attach(name: str) -> MappedSegment:
+    """Map a daemon's segment without adopting it: this process's exit leaves it be."""
+    return MappedSegment(name)

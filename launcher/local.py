@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from parallel.processes import die_with_parent, warm_forks
 from trainer.config import Config
 from trainer.errors import (
     EXIT_BAD_INPUT,
@@ -103,7 +103,7 @@ class LocalRanks:
         from torch.distributed import TCPStore
 
         self.store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
-        forks = warm_forks()
+        forks = warm_forks("trainer.warm")  # its ranks die with it: see trainer.warm
         self.processes = []
         for rank in range(nproc):
             process = forks.Process(target=_warm_rank, args=(args, self._env(env[rank], rank, nproc)))
@@ -147,35 +147,12 @@ class LocalRanks:
         return [p.exitcode for p in self.processes]
 
 
-def warm_forks() -> multiprocessing.context.BaseContext:
-    """Where ranks are forked from: multiprocessing's fork server, started at the first rank
-    with trainer.warm imported. It takes this process's environment when it starts, and
-    ends when this process does (its ranks die with it: see trainer.warm)."""
-    forks = multiprocessing.get_context("forkserver")
-    forks.set_forkserver_preload(["trainer.warm"])
-    return forks
-
-
 def _warm_rank(args: list[str], env: dict[str, str]) -> None:
     """A rank's body, run in the fork server's child (trainer.warm is imported there already;
     importing it here, in the launcher, would cost the very seconds the fork server saves)."""
     from trainer.warm import run_rank
 
     run_rank(args, env)
-
-
-def _die_with_launcher(signum: int):
-    """For Popen's preexec_fn: the child gets `signum` when the launcher dies, even by SIGKILL,
-    so that no rank or daemon outlives it (Linux's parent-death signal, kept across exec)."""
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signum)
-
-    return arm
-
-
-PR_SET_PDEATHSIG = 1
 
 
 class LocalDaemons:
@@ -236,9 +213,8 @@ class LocalDaemons:
             command += ["--set", assignment]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         # SIGTERM, not SIGKILL: a daemon that stops frees its shared-memory segments.
-        return subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_launcher(signal.SIGTERM)
-        )
+        arm = functools.partial(die_with_parent, signal.SIGTERM)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=arm)
 
     def _address(self, node: int, process: subprocess.Popen) -> str:
         """The address a daemon bound, from the line it prints once it serves."""

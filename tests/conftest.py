@@ -224,10 +224,14 @@ def ranks_below(pid: int) -> dict[int, int]:
     from its fork server and names each after its rank (`stalwart-r3`: trainer/warm.py)."""
     found = {}
     for child, _ in descendants(pid):
-        try:
-            name = (Path("/proc") / str(child) / "comm").read_text().strip()
-        except OSError:  # gone
-            continue
-        if match := re.fullmatch(r"stalwart-r(\d+)", name):
+        if match := re.fullmatch(r"stalwart-r(\d+)", process_name(child)):
             found[int(match.group(1))] = child
     return found
+
+
+def process_name(pid: int) -> str:
+    """What ps and top show for `pid` (a process names itself: parallel/processes.py); "" once gone."""
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""

@@ -10,12 +10,12 @@ the fork server, which itself ends with the launcher.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 
 from launcher.cli import quiet_megatron_fallback_warnings
+from parallel.processes import die_with_parent, name_process
 
 quiet_megatron_fallback_warnings()
 
@@ -23,8 +23,6 @@ import torch  # noqa: E402
 
 import trainer.loop  # noqa: E402,F401  (megatron-core, the model, the checkpoints: what a restart skips)
 from trainer.__main__ import main  # noqa: E402
-
-PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 
 
 def process_name(rank: int) -> str:
@@ -34,13 +32,12 @@ def process_name(rank: int) -> str:
 
 def run_rank(argv: list[str], env: dict[str, str]) -> None:
     """The body of a forked rank: `python -m trainer ARGV` with environment `env`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the fork server's end is ours
+    die_with_parent(signal.SIGKILL)  # the fork server's end is ours
     if os.getppid() == 1:  # it ended before the line above took effect
         os._exit(1)
     os.environ.clear()
     os.environ.update(env)
-    libc.prctl(PR_SET_NAME, process_name(int(env["RANK"])).encode())
+    name_process(process_name(int(env["RANK"])))
     # The fork server's OpenMP read its thread count once; a smaller job after a node's loss
     # gives each rank more cores.
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
