@@ -13,6 +13,7 @@ usage: python bench/recovery.py [--quick]
 4. Deliver: bytes per second a rank delivers into a daemon's segment, against a memory copy.
 
 Prints a table, then one JSON line with snapshot_throughput_ratio(_both_cores),
+snapshot_copy_step_ratio (the copy's cost alone, measured between neighbouring steps of one run),
 checkpoint_throughput_ratio(_both_cores), restore_memory_vs_disk, kill_to_step_s,
 kill_startup_s, deliver_vs_memcpy.
 """
@@ -99,6 +100,23 @@ def throughput(tmp: Path, data: Path, steps: int, rounds: int, threads: int) -> 
         for name in names[1:]
     }
     return medians | ratios
+
+
+def copy_step_ratio(tmp: Path, data: Path, steps: int) -> float:
+    """Within one run with a snapshot every second step: a step that carries no copy / the
+    next step, which carries the copy of the snapshot taken at its start. Neighbouring steps
+    share the machine's drift, which whole runs a minute apart do not; this isolates the cost
+    of the copy running beside training (the hand-over at the end of a step, a few ms, is in
+    both halves of the pair, so the snapshot's full cost is somewhat higher)."""
+    run_dir = tmp / "copy-step"
+    every_second = {"interval": 2}
+    config = write_config(tmp / "copy.yaml", data, run_dir, DEMO_MODEL, train={"steps": steps}, snapshot=every_second)
+    stalwart_run(config, threads=1)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    took = {b["step"]: b["time"] - a["time"] for a, b in zip(records, records[1:], strict=False)}
+    # A snapshot begins after each even step; its copy runs during the odd step after it.
+    pairs = [took[s - 1] / took[s] for s in took if s > 10 and s % 2 == 1 and s - 1 in took]
+    return statistics.median(pairs)
 
 
 def drop_from_page_cache(root: Path) -> None:
@@ -244,6 +262,7 @@ def main() -> None:
         prepare_dataset(sources, str(data), vocab_size=2048, show_progress=False)
         bar.update(1)
         spare = throughput(tmp, data, steps, rounds, threads=1)
+        spare["copy_step_ratio"] = copy_step_ratio(tmp, data, steps=60 if args.quick else 200)
         bar.update(1)
         both = throughput(tmp, data, steps, rounds, threads=2)
         bar.update(1)
@@ -260,6 +279,7 @@ def report(spare: dict, both: dict, restore: dict, killed: dict, delivered: dict
     results = {
         "snapshot_throughput_ratio": spare["snapshots_ratio"],
         "snapshot_throughput_ratio_both_cores": both["snapshots_ratio"],
+        "snapshot_copy_step_ratio": spare["copy_step_ratio"],
         "checkpoint_throughput_ratio": spare["snapshots_checkpoints_ratio"],
         "checkpoint_throughput_ratio_both_cores": both["snapshots_checkpoints_ratio"],
         "restore_memory_vs_disk": restore["restore_memory_s"] / restore["restore_disk_s"],
@@ -285,6 +305,7 @@ def report(spare: dict, both: dict, restore: dict, killed: dict, delivered: dict
             f"{spare['snapshots_checkpoints_ratio']:.3f}",
             f"{both['snapshots_checkpoints_ratio']:.3f}",
         ),
+        ("step without / with a snapshot's copy, one run (1 core + 1 spare)", f"{spare['copy_step_ratio']:.3f}", ""),
         (
             "restore ~100M params: memory | disk (s)",
             f"{restore['restore_memory_s']:.3f}",
