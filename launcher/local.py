@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -12,14 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.supervise import ServingDaemons, rebuild_lost, supervise
 from parallel.processes import die_with_parent, warm_forks
 from trainer.config import Config
 from trainer.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_CRASHED,
-    EXIT_GAVE_UP,
     EXIT_OK,
-    EXIT_REQUEUE,
     DataError,
 )
 
@@ -63,27 +59,6 @@ def trainer_args(config_path: str, overrides: list[str]) -> list[str]:
         args += ["--set", assignment]
     return args
 
-
-def job_exit_code(codes: list[int]) -> int:
-    """One exit code for the job from its ranks' (a pure decision, see trainer/errors.py).
-
-    A rank killed by a signal (negative code) or crashed makes the job crashed; otherwise the
-    ranks agree (they stop together), and a bad-input error wins over a stop.
-    """
-    if all(code == EXIT_OK for code in codes):
-        return EXIT_OK
-    if any(code < 0 or code not in KNOWN_EXITS for code in codes):
-        return EXIT_CRASHED
-    for code in (EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_CRASHED, EXIT_REQUEUE):
-        if code in codes:
-            return code
-    return EXIT_CRASHED
-
-
-KNOWN_EXITS = {EXIT_OK, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_REQUEUE}
-
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-"""Signals the launcher passes on to every rank (a scheduler signals the launcher, not the ranks)."""
 
 PEER_EXIT_GRACE_S = 5.0
 """After one rank ends badly, how long the others get to end on their own (ranks that agreed on
@@ -155,7 +130,7 @@ def _warm_rank(args: list[str], env: dict[str, str]) -> None:
     run_rank(args, env)
 
 
-class LocalDaemons:
+class LocalDaemons(ServingDaemons):
     """One snapshot daemon per emulated node of this machine, each with its own address and its
     share of the ranks, erasure-coding across each other: started before the ranks, stopped
     after them, also when the run fails."""
@@ -174,7 +149,6 @@ class LocalDaemons:
     ):
         """`job`: the job these daemons continue (its token stays); None starts a new job."""
         from checkpoint.daemon import write_token
-        from checkpoint.snapshot_commands import DAEMONS_FILE
         from checkpoint.snapshotter import Daemons
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,13 +169,8 @@ class LocalDaemons:
             self.stop()
             raise
         self.daemons = Daemons(job, addresses, 0, str(token_file))
-        self.per_node = per_node
-        if nodes > 1:
-            self._tell_peers(addresses)
-        # For operators: `stalwart snapshot --run RUN_DIR status` finds the job from here.
-        self.record = run_dir / DAEMONS_FILE
-        about = {"job": job, "daemons": addresses, "token_file": str(token_file.resolve()), "parity": parity}
-        self.record.write_text(json.dumps(about, indent=1))
+        self.nodes, self.per_node = nodes, per_node
+        self.announce(run_dir, parity)
 
     def _start(self, config_path, overrides, job, node, per_node, nodes) -> subprocess.Popen:
         ranks = f"{node * per_node}-{(node + 1) * per_node - 1}"
@@ -226,85 +195,30 @@ class LocalDaemons:
             )
         return line.split("listening on", 1)[1].strip()
 
-    def _tell_peers(self, addresses: list[str]) -> None:
-        from checkpoint.daemon import read_token
-        from checkpoint.snapshot_client import SnapshotClient
-
-        token = read_token(self.daemons.token_file)
-        for address in addresses:
-            client = SnapshotClient(address, self.daemons.job, token)
-            client.set_peers(addresses)
-            client.close()
-
-    def env(self, rank: int) -> dict[str, str]:
-        return self.daemons.env(rank // self.per_node)
-
     def dead_nodes(self) -> list[int]:
         """Nodes whose daemon is gone: with it, the node's snapshots (its share survives as parity)."""
         return [node for node, process in enumerate(self.processes) if process.poll() is not None]
 
     def without(self, lost: list[int]) -> tuple[LocalDaemons, dict[str, str]]:
         """After losing `lost`: a fresh group on the surviving nodes (same job and token), and
-        what the ranks need to restore the newest snapshot from the survivors of this group,
-        with the lost nodes' shares rebuilt from parity onto one of them. When more nodes are
-        lost than the parity covers, the new ranks find no snapshot and resume from disk."""
-        from checkpoint.daemon import read_token
-        from checkpoint.snapshot_client import SnapshotClient
+        what the ranks need to restore the newest snapshot from the survivors of this group."""
         from checkpoint.snapshot_store import unlink_segments
-        from checkpoint.snapshotter import RESTORE_FROM, RESTORE_STEP
 
         for node in lost:  # the node's memory is gone with it (and the new group reuses its index)
             unlink_segments(self.job, node)
-        survivors = [n for n in range(len(self.processes)) if n not in lost]
-        restore: dict[str, str] = {}
-        if survivors and len(lost) <= self.parity:
-            d = self.daemons
-            holder = SnapshotClient(d.addresses[survivors[0]], d.job, read_token(d.token_file), deadline_s=600)
-            try:
-                steps = [holder.rebuild(node).step for node in lost]
-            finally:
-                holder.close()
-            restore = {RESTORE_FROM: ",".join(d.addresses[n] for n in survivors), RESTORE_STEP: str(steps[-1])}
-            print(
-                f"stalwart: node(s) {lost} lost; their share of step {steps[-1]} rebuilt from parity on node "
-                f"{survivors[0]}; continuing on {len(survivors)} node(s)",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            print(
-                f"stalwart: node(s) {lost} lost, more than snapshot.parity covers: resuming from disk", file=sys.stderr
-            )
+        survivors = [n for n in range(self.nodes) if n not in lost]
+        restore = rebuild_lost(self.daemons, lost, survivors, self.parity)
         nproc = len(survivors) * self.per_node
         group = LocalDaemons(
             self.config_path, self.overrides, self.run_dir, len(survivors), nproc, self.parity, job=self.daemons.job
         )
         return group, restore
 
-    def newest_step(self) -> int | None:
-        """The newest snapshot step the daemons hold whole (what a restart would continue from)."""
-        from checkpoint.daemon import read_token
-        from checkpoint.snapshot_client import SnapshotClient
-
-        token = read_token(self.daemons.token_file)
-        steps = None
-        for address in self.daemons.addresses:
-            client = SnapshotClient(address, self.daemons.job, token, deadline_s=10)
-            try:
-                held = {s.step for s in client.list(include_ready=True)}
-            except Exception:  # a daemon that is gone holds nothing
-                held = set()
-            finally:
-                client.close()
-            steps = held if steps is None else steps & held
-        return max(steps) if steps else None
-
     def stop(self) -> None:
         """Stop every daemon; free what one that was killed left in shared memory."""
         from checkpoint.snapshot_store import unlink_segments
 
-        if self.record is not None:
-            self.record.unlink(missing_ok=True)
+        self.forget()
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
@@ -321,18 +235,7 @@ class DaemonStartFailed(RuntimeError):
     pass
 
 
-def should_restart(code: int, steps_at_crashes: list[int | None], max_restarts: int) -> bool:
-    """Restart after a crash unless the run crashed more than `max_restarts` times in a row
-    without getting past the step it restarts from (a crash loop: a restart would crash alike)."""
-    if code != EXIT_CRASHED:
-        return False
-    last = steps_at_crashes[-1]
-    in_a_row = 0
-    for step in reversed(steps_at_crashes):
-        if step != last:
-            break
-        in_a_row += 1
-    return in_a_row <= max_restarts
+REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_local(config: Config, config_path: str, overrides: list[str], nproc: int, nodes: int = 1) -> int:
@@ -345,64 +248,9 @@ def launch_local(config: Config, config_path: str, overrides: list[str], nproc: 
     snapshots = config.snapshot.interval != 0
     run_dir, parity = Path(config.run.dir), config.snapshot.parity
     daemons = LocalDaemons(config_path, overrides, run_dir, nodes, nproc, parity) if snapshots else None
-    retired: list[LocalDaemons] = []  # groups that lost a node: the source of the next restore
-    current: list[LocalRanks] = []
-    forward = lambda signum, frame: current and current[-1].signal(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-    steps_at_crashes: list[int | None] = []
-    layout: list[str] = []  # overrides of a smaller layout after a node's loss
-    restore: dict[str, str] = {}
-    try:
-        while True:
-            rank_env = [dict(env, **(daemons.env(rank) if daemons else {}), **restore) for rank in range(nproc)]
-            current.append(LocalRanks(trainer_args(config_path, [*overrides, *layout]), nproc, rank_env))
-            code = job_exit_code(current[-1].wait())
-            lost = daemons.dead_nodes() if daemons else []
-            if code == EXIT_CRASHED and lost and len(lost) < len(daemons.processes):
-                retired.append(daemons)
-                daemons, restore = daemons.without(lost)
-                nproc = len(daemons.processes) * daemons.per_node
-                layout = [f"parallel.dp={nproc // (config.parallel.tp * config.parallel.pp)}"]
-                continue
-            newest = daemons.newest_step() if daemons else _newest_checkpoint_step(config)
-            if newest is not None and daemons is not None:
-                restore = {}  # the new group holds a snapshot of its own now
-            steps_at_crashes.append(newest)
-            if not should_restart(code, steps_at_crashes, config.run.max_restarts):
-                break
-            print(f"stalwart: a rank crashed; restarting the ranks (restart {len(current)})", file=sys.stderr)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        # The newest group first: an older one shares its job and node indices, and stopping
-        # it frees the segments its killed daemons left under those names.
-        for group in [*([daemons] if daemons else []), *reversed(retired)]:
-            group.stop()
-    if code == EXIT_CRASHED and len(current) > 1:
-        code = EXIT_GAVE_UP
-        print(
-            f"stalwart: error: the run crashed {config.run.max_restarts + 1} times in a row at step "
-            f"{steps_at_crashes[-1]}; giving up (run.max_restarts={config.run.max_restarts})",
-            file=sys.stderr,
-        )
-    if code != EXIT_OK:
-        print(f"stalwart: training exited with code {code} ({EXIT_MEANINGS[code]})", file=sys.stderr)
-    return code
 
+    def start(overrides: list[str], nproc: int, daemons: LocalDaemons | None, restore: dict) -> LocalRanks:
+        rank_env = [dict(env, **(daemons.env(rank) if daemons else {}), **restore) for rank in range(nproc)]
+        return LocalRanks(trainer_args(config_path, overrides), nproc, rank_env)
 
-def _newest_checkpoint_step(config: Config) -> int | None:
-    from checkpoint.universal import find_resume_checkpoint
-
-    found = find_resume_checkpoint(Path(config.checkpoint.dir or Path(config.run.dir) / "checkpoints"))
-    return found.step if found else None
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-EXIT_MEANINGS = {
-    EXIT_CRASHED: "a rank crashed",
-    EXIT_BAD_INPUT: "bad input, named above",
-    EXIT_GAVE_UP: "crashed at the same step too often: not requeueing",
-    EXIT_REQUEUE: "stopped on a signal after saving: requeue to continue",
-}
+    return supervise(config, overrides, nproc, daemons, start)

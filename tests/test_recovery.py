@@ -423,7 +423,7 @@ def test_a_run_that_crashes_at_the_same_step_again_and_again_gives_up_after_max_
 
 
 def test_restart_decisions():
-    from launcher.local import job_exit_code, should_restart
+    from launcher.supervise import job_exit_code, should_restart
 
     assert job_exit_code([0, 0]) == 0
     assert job_exit_code([75, 75]) == 75
