@@ -4,8 +4,9 @@ The batch script execs `python -m launcher.slurm CONFIG ...` in the batch shell,
 allocation's first node. That process supervises the job: it starts one snapshot daemon per
 node as a job step of its own, which outlives a node's failure (`srun --no-kill --overlap`:
 with `--overlap` alone Slurm kills it on the surviving nodes too, and the snapshots with it),
-then the training step (`srun --kill-on-bad-exit=1`: one failing rank ends the step on every
-node within seconds, not after a collective's 30-minute timeout), and restarts the training
+then the training step (`srun --wait=5`: once one rank has ended, the rest get 5 s to end as
+well, so that a failing rank ends the step on every node within seconds, not after a
+collective's 30-minute timeout), and restarts the training
 step inside the job after a crash, with the recovery loop `stalwart run` uses
 (launcher/supervise.py). Signals the batch shell gets (USR1 before the time limit) go on to
 srun, which passes them on to every rank.
@@ -21,6 +22,7 @@ import itertools
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.supervise import ServingDaemons, data_parallel_override, rebuild_lost, supervise
+from trainer.errors import EXIT_REQUEUE
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,11 @@ def srun_command(alloc: Allocation, nodes: list[int], per_node: int, name: str) 
     return ["srun", f"--job-name={name}", *counts, f"--nodelist={names}"]
 
 
+PEER_EXIT_GRACE_S = 5
+"""Once one rank has ended, how long srun gives the others before it ends them (as the local
+launcher does: ranks that agreed on an error or a stop end together)."""
+
+
 class SrunRanks:
     """The training step: every rank of one attempt, started by srun on `nodes`."""
 
@@ -243,7 +251,10 @@ class SrunRanks:
             "MASTER_ADDR": alloc.addresses[nodes[0]],
             "MASTER_PORT": str(rendezvous_port(alloc.job_id, alloc.requeues, restart)),
         }
-        command = [*srun_command(alloc, nodes, alloc.ranks_per_node, "stalwart-train"), "--kill-on-bad-exit=1"]
+        # Not --kill-on-bad-exit: it kills the other ranks the moment the first exits with the
+        # requeue code, while they are still on their way out with the same code.
+        grace = ["--kill-on-bad-exit=0", f"--wait={PEER_EXIT_GRACE_S}"]
+        command = [*srun_command(alloc, nodes, alloc.ranks_per_node, "stalwart-train"), *grace]
         command += [sys.executable, "-m", "launcher.slurm", "--rank", *args]
         self.process = subprocess.Popen(command, env=env)
 
@@ -284,7 +295,30 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
         nodes = daemons.node_indices if daemons else every
         return SrunRanks(alloc, nodes, trainer_args(config_path, overrides), env, next(restarts))
 
-    return supervise(config, overrides, nproc, daemons, start)
+    signals: list[int] = []
+    code = supervise(config, overrides, nproc, daemons, start, signals)
+    if should_requeue(code, signals):
+        requeue(alloc.job_id)
+    return code
+
+
+def should_requeue(code: int, signals: list[int]) -> bool:
+    """Requeue when the ranks saved and stopped on the time limit's warning (USR1, from
+    `--signal=B:USR1@N`), and never after a cancel or a preemption (SIGTERM) nor once the
+    run has finished or failed (a pure decision)."""
+    return code == EXIT_REQUEUE and signal.SIGUSR1 in signals and signal.SIGTERM not in signals
+
+
+def requeue(job_id: int) -> None:
+    """Put this job back in the queue, eligible at once: a plain requeue leaves it waiting about
+    two minutes. Slurm then ends this batch shell; it ignores SIGTERM meanwhile, to see the
+    eligibility through."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"stalwart: requeueing job {job_id} to continue from its newest checkpoint", flush=True)
+    for command in (["requeue", str(job_id)], ["update", f"JobId={job_id}", "StartTime=now"]):
+        done = subprocess.run(["scontrol", *command], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            print(f"stalwart: scontrol {' '.join(command)} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
 
 
 def run_daemon(args: argparse.Namespace) -> int:

@@ -96,14 +96,35 @@ StartRanks = Callable[[list[str], int, "DaemonGroup | None", dict[str, str]], Ra
 """(overrides, ranks, daemons, restore environment) -> the started ranks."""
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-"""Signals the launcher passes on to every rank (a scheduler signals the launcher, not the ranks)."""
+"""Signals the launcher passes on to every rank (a scheduler signals the launcher, not the ranks):
+the two that stop a run, and SIGUSR2, on which every rank prints its threads' stacks."""
 
 
-def supervise(config: Config, overrides: list[str], nproc: int, daemons: DaemonGroup | None, start: StartRanks) -> int:
-    """Run ranks until they end, restarting them inside the job after a crash; the job's exit code."""
+def stop_requested(signals: list[int]) -> bool:
+    """Whether the job was asked to stop (SIGTERM: cancelled or preempted; SIGUSR1: the time
+    limit is near): after that a crash is not worth a restart."""
+    return signal.SIGTERM in signals or signal.SIGUSR1 in signals
+
+
+def supervise(
+    config: Config,
+    overrides: list[str],
+    nproc: int,
+    daemons: DaemonGroup | None,
+    start: StartRanks,
+    signals: list[int] | None = None,
+) -> int:
+    """Run ranks until they end, restarting them inside the job after a crash; the job's exit
+    code. The signals passed on to the ranks are appended to `signals`."""
     retired: list[DaemonGroup] = []  # groups that lost a node: the source of the next restore
     current: list[Ranks] = []
-    forward = lambda signum, frame: current and current[-1].signal(signum)  # noqa: E731
+    signals = [] if signals is None else signals
+
+    def forward(signum, frame) -> None:
+        signals.append(signum)
+        if current:
+            current[-1].signal(signum)
+
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     steps_at_crashes: list[int | None] = []
     layout: list[str] = []  # overrides of a smaller layout after a node's loss
@@ -123,8 +144,8 @@ def supervise(config: Config, overrides: list[str], nproc: int, daemons: DaemonG
             if newest is not None and daemons is not None:
                 restore = {}  # the new group holds a snapshot of its own now
             steps_at_crashes.append(newest)
-            if not should_restart(code, steps_at_crashes, config.run.max_restarts):
-                break
+            if stop_requested(signals) or not should_restart(code, steps_at_crashes, config.run.max_restarts):
+                break  # after a stop signal the job is ending (cancelled, preempted, out of time)
             print(f"stalwart: a rank crashed; restarting the ranks (restart {len(current)})", file=sys.stderr)
     finally:
         for sig, handler in previous.items():
@@ -133,7 +154,7 @@ def supervise(config: Config, overrides: list[str], nproc: int, daemons: DaemonG
         # it frees the segments its killed daemons left under those names.
         for group in [*([daemons] if daemons else []), *reversed(retired)]:
             group.stop()
-    if code == EXIT_CRASHED and len(current) > 1:
+    if code == EXIT_CRASHED and len(current) > 1 and not stop_requested(signals):
         code = EXIT_GAVE_UP
         print(
             f"stalwart: error: the run crashed {config.run.max_restarts + 1} times in a row at step "

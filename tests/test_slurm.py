@@ -1,9 +1,11 @@
 """The Slurm test cluster itself: what the launcher's Slurm tests stand on."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,7 +44,9 @@ def test_a_batch_job_runs_to_completion_and_reports_its_exit_code(slurm, tmp_pat
 SLURM_SCRIPT = REPO / "launcher" / "pretrain.slurm"
 
 
-def sbatch(slurm, script_args: list, tmp_path, *options: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def sbatch(
+    slurm, script_args: list, tmp_path, *options: str, timeout: float = 900, wait: bool = True
+) -> subprocess.CompletedProcess:
     """`sbatch --wait` of launcher/pretrain.slurm on the test cluster: CPU ranks (no GPUs, one
     thread each), this checkout's code and interpreter; its output in tmp_path/slurm.out."""
     env = {
@@ -51,7 +55,8 @@ def sbatch(slurm, script_args: list, tmp_path, *options: str, timeout: float = 9
         "OMP_NUM_THREADS": "1",
         "STALWART_PYTHON": sys.executable,
     }
-    command = ["sbatch", "--wait", "--parsable", "--gpus-per-node=0", f"--output={tmp_path / 'slurm.out'}"]
+    command = ["sbatch", *(["--wait"] if wait else []), "--parsable", "--gpus-per-node=0"]
+    command.append(f"--output={tmp_path / 'slurm.out'}")
     command += [*options, str(SLURM_SCRIPT), *[str(a) for a in script_args]]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -100,3 +105,81 @@ def test_what_the_launcher_reads_from_slurm():
     assert rank_env(slurm_vars) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
     with_daemons = rank_env({**slurm_vars, "SLURM_NODEID": "1", "STALWART_DAEMONS": "a:1,b:2"})
     assert with_daemons["STALWART_NODE"] == "1"  # its node in this step: the daemon group's index
+
+
+def job_fields(slurm, job: str) -> dict[str, str]:
+    """`scontrol show job` of `job` as a dict (JobState, Restarts, ExitCode, ...)."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job], env=slurm.env, capture_output=True, text=True
+    )
+    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+
+def wait_for_job(slurm, job: str, condition, what: str, timeout: float = 600) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while not condition(fields := job_fields(slurm, job)):
+        assert time.monotonic() < deadline, f"job {job}: no {what} in {timeout} s: {fields}\n{slurm.logs()}"
+        time.sleep(0.5)
+    return fields
+
+
+def newest_step(metrics) -> int:
+    return max((r["step"] for r in read_metrics(metrics)), default=0) if metrics.is_file() else 0
+
+
+def test_usr1_before_the_time_limit_saves_requeues_and_the_job_resumes_bit_exactly(slurm, tmp_path, small_dataset):
+    """The time limit's warning (`--signal=B:USR1@N` signals the batch shell; sent here with
+    `scancel --signal=USR1 --batch`) stops every rank at a step boundary with a checkpoint;
+    the job requeues itself, eligible at once, and the requeued job resumes from that
+    checkpoint and finishes with the losses of an uninterrupted run."""
+    steps = ("train.steps=24", "train.eval_interval=0", "checkpoint.interval=100")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *steps)
+    submitted = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=2", wait=False)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while newest_step(metrics) < 4:
+        assert time.monotonic() < deadline, (tmp_path / "slurm.out").read_text()[-3000:] + slurm.logs()
+        time.sleep(0.2)
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, capture_output=True)
+    assert signalled.returncode == 0, signalled.stderr
+    final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
+    out = (tmp_path / "slurm.out").read_text()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", f"{final}\n{out[-4000:]}"
+    assert f"stalwart: requeueing job {job}" in out
+    stopped_at = int(re.search(r"restored step (\d+) from disk", out).group(1))
+    assert 4 <= stopped_at < 24
+    losses = {r["step"]: r["loss"] for r in read_metrics(metrics)}
+
+    reference = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", small_dataset, *steps)
+    code, _, err = start_stalwart_run(reference, "parallel.dp=4", nodes=2, ranks=4).finish(600)
+    assert code == 0, err[-3000:]
+    assert losses == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+
+
+def test_a_cancelled_job_is_not_requeued(slurm, tmp_path, small_dataset):
+    """`scancel` sends SIGTERM: the ranks save and stop, and the job ends cancelled, not requeued."""
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400")
+    submitted = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=1", wait=False)
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while newest_step(tmp_path / "run" / "metrics.jsonl") < 2:
+        assert time.monotonic() < deadline, (tmp_path / "slurm.out").read_text()[-3000:] + slurm.logs()
+        time.sleep(0.2)
+    assert subprocess.run(["scancel", job], env=slurm.env).returncode == 0
+    final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
+    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "0", final
+    out = (tmp_path / "slurm.out").read_text()
+    assert "stalwart: requeueing" not in out and "restarting the ranks" not in out, out[-3000:]
+
+
+def test_only_the_time_limit_warning_requeues():
+    import signal
+
+    from launcher.slurm import should_requeue
+
+    assert should_requeue(75, [signal.SIGUSR1])
+    assert not should_requeue(75, [signal.SIGUSR1, signal.SIGTERM])  # cancelled or preempted meanwhile
+    assert not should_requeue(75, [signal.SIGTERM]) and not should_requeue(0, [signal.SIGUSR1])
+    assert not should_requeue(3, [signal.SIGUSR1])  # gave up: do not requeue

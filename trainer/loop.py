@@ -206,7 +206,11 @@ class Trainer:
                 hook.at_end(self.step)
         finally:
             gc.unfreeze()
-            stop.restore()
+            # Once the ranks agreed to stop, a further stop signal changes nothing: the save is
+            # done and the rank exits with the requeue code. srun, seeing the first rank exit
+            # with it, sends SIGTERM to the rest, which must not die of it on their way out.
+            if not stopping:
+                stop.restore()
             for hook in hooks:
                 if isinstance(hook, MetricsHook):
                     hook.close()
