@@ -42,6 +42,7 @@ from checkpoint.snapshot_group import (
     send_share,
 )
 from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, StepState
+from checkpoint.watchdog import HangWatch, watch_forever
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
 
@@ -121,8 +122,10 @@ def _mapped(method):
 
 
 class Servicer(pb_grpc.SnapshotDaemonServicer):
-    def __init__(self, store: SnapshotStore, peers: Peers | None = None):
+    def __init__(self, store: SnapshotStore, peers: Peers | None = None, hang_timeout_s: float | None = None):
         self.store, self.peers = store, peers
+        self.hangs = HangWatch(hang_timeout_s)
+        """The node's ranks by their progress reports (killed, when hung, by watch_forever)."""
         self.materializations = Materializations()
         self.block_port = 0
         """Where bulk bytes go: the group's blocks, and reads of a snapshot from another node."""
@@ -279,6 +282,11 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         return {"peers": others, "job_id": credentials["job"], "job_token": credentials["token"]}
 
     @_mapped
+    def Progress(self, request, context):
+        self.hangs.report(request.rank, request.step, request.pid, request.leaving, time.monotonic())
+        return pb.ProgressReply()
+
+    @_mapped
     def List(self, request, context):
         return pb.ListReply(snapshots=_infos(self.store, request.include_ready))
 
@@ -385,7 +393,9 @@ def _infos(store: SnapshotStore, include_ready: bool = False) -> list[pb.Snapsho
     ]
 
 
-def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grpc.Server, int, Servicer]:
+def serve(
+    config: SnapshotConfig, store: SnapshotStore, token: str, hang_timeout_s: float | None = None
+) -> tuple[grpc.Server, int, Servicer]:
     """Start the daemon's gRPC server; returns it, the port it is bound to, and its servicer."""
     limit = config.max_message_mb << 20
     server = grpc.server(
@@ -401,7 +411,7 @@ def serve(config: SnapshotConfig, store: SnapshotStore, token: str) -> tuple[grp
     if store.group is not None:
         _fill_own_address(store.group, port)
         group = Peers(store.group, store.job, token, config.deadline_s, limit)
-    servicer = Servicer(store, group)
+    servicer = Servicer(store, group, hang_timeout_s)
     host = config.listen.rpartition(":")[0]
     get, read, put = _refusing(servicer.block), _refusing(servicer.read), _refusing(store.add_parity)
     blocks = BlockServer(host, store.job, token, get, read, put, config.deadline_s)
@@ -464,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; exit 2 with one line naming a bad config or token file."""
     try:
-        config, token_file = _daemon_config(args.config, args.overrides)
+        config, token_file, hang_timeout_s = _daemon_config(args.config, args.overrides)
         peers = args.peers.split(",") if args.peers else None
         if peers:
             check_peers(args.node, peers)
@@ -474,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         group = GroupPlan(args.node, peers, config.parity) if peers else None
         store = SnapshotStore(args.job, args.node, parse_ranks(args.ranks), config.memory_mb << 20, config.keep, group)
-        server, port, servicer = serve(config, store, read_token(token_file))
+        server, port, servicer = serve(config, store, read_token(token_file), hang_timeout_s)
+        watch_forever(servicer.hangs, args.node)
     except ErasureError as e:
         print(f"stalwart daemon: error: --peers: {e}", file=sys.stderr, flush=True)
         return 2
@@ -506,14 +517,15 @@ def wait_for_stop() -> None:
         time.sleep(0.5)
 
 
-def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConfig, Path]:
+def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConfig, Path, float | None]:
+    """The snapshot section, the token file, and the run's hang timeout (None: automatic)."""
     from trainer.config import load_config
     from trainer.schema import ConfigError
 
     try:
         if path:
             config = load_config(path, overrides)
-            run_dir = Path(config.run.dir)
+            run_dir, hang_timeout_s = Path(config.run.dir), config.run.hang_timeout_s
             snapshot = config.snapshot
         else:
             from trainer.schema import apply_override, from_dict
@@ -523,10 +535,10 @@ def _daemon_config(path: str | None, overrides: list[str]) -> tuple[SnapshotConf
                 apply_override(raw, assignment)
             snapshot = from_dict(SnapshotConfig, raw.get("snapshot", {}), "snapshot")
             snapshot.validate()
-            run_dir = Path(".")
+            run_dir, hang_timeout_s = Path("."), None
     except ConfigError as e:
         raise SnapshotError("invalid", str(e)) from e
-    return snapshot, Path(snapshot.token_file or run_dir / "snapshot.token")
+    return snapshot, Path(snapshot.token_file or run_dir / "snapshot.token"), hang_timeout_s
 
 
 if __name__ == "__main__":

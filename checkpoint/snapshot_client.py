@@ -8,6 +8,8 @@ buffers = client.fetch(step, rank)                           # after a restart
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Mapping
 
 import grpc
@@ -38,6 +40,7 @@ class SnapshotClient:
         self.deadline_s = deadline_s
         self._mapped: dict[str, MappedSegment] = {}  # the most recently used last
         self._block_address: str | None = None
+        self._report = None  # the last progress report in flight
 
     def mapped(self, segment: str) -> MappedSegment:
         """The daemon's segment `segment`, mapped into this process (kept for the next use)."""
@@ -89,6 +92,17 @@ class SnapshotClient:
     def list(self, include_ready: bool = False) -> list[pb.SnapshotInfo]:
         """Committed snapshots (and, with `include_ready`, steps every local rank delivered whole)."""
         return list(self._call("List", pb.ListRequest(include_ready=include_ready)).snapshots)
+
+    def progress(self, step: int, rank: int) -> None:
+        """Tell the daemon this rank (this process) finished `step`, without waiting for the
+        answer: a report lost now and then only delays hang detection a little."""
+        request = pb.ProgressRequest(rank=rank, step=step, pid=os.getpid())
+        self._report = self.stub.Progress.future(request, timeout=self.deadline_s, metadata=self.metadata)
+
+    def leaving(self, rank: int) -> None:
+        """Tell the daemon this rank is ending: it is no longer watched for hangs."""
+        with contextlib.suppress(grpc.RpcError):
+            self._call("Progress", pb.ProgressRequest(rank=rank, pid=os.getpid(), leaving=True))
 
     def status(self) -> pb.StatusReply:
         return self._call("Status", pb.StatusRequest())

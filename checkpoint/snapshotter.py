@@ -173,6 +173,13 @@ class Snapshotter:
             pending = self.committer.checkpoints_pending()
             raise CheckpointWriteFailed(f"checkpoints {pending} were not written in time")
 
+    def report_progress(self, step: int) -> None:
+        """This rank finished `step`: its node's daemon watches for ranks that stop doing so."""
+        self.client.progress(step, self.dims.rank)
+
+    def leave(self) -> None:
+        self.client.leaving(self.dims.rank)
+
     # -- restoring -------------------------------------------------------------------------
 
     def restore(self) -> Restored | None:

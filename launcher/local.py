@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.supervise import ServingDaemons, rebuild_lost, supervise
+from launcher.supervise import ServingDaemons, already_finished, rebuild_lost, supervise
 from parallel.processes import die_with_parent, warm_forks
 from trainer.config import Config
 from trainer.errors import (
@@ -245,6 +245,8 @@ def launch_local(config: Config, config_path: str, overrides: list[str], nproc: 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     env = dict(os.environ)
+    if already_finished(config):
+        return EXIT_OK
     snapshots = config.snapshot.interval != 0
     run_dir, parity = Path(config.run.dir), config.snapshot.parity
     daemons = LocalDaemons(config_path, overrides, run_dir, nodes, nproc, parity) if snapshots else None

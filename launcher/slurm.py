@@ -25,12 +25,13 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.supervise import ServingDaemons, data_parallel_override, rebuild_lost, supervise
-from trainer.errors import EXIT_REQUEUE
+from launcher.supervise import ServingDaemons, already_finished, data_parallel_override, rebuild_lost, supervise
+from trainer.errors import EXIT_OK, EXIT_REQUEUE
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def rendezvous_port(job_id: int, requeues: int, restart: int) -> int:
     return 20000 + (job_id * 1009 + requeues * 101 + restart) % 20000
 
 
-def _scontrol(*args: str) -> str:
-    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+def _scontrol(*args: str, cwd: str | None = None) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
     if done.returncode != 0:
         raise SlurmError(f"scontrol {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
@@ -105,6 +106,8 @@ class SlurmDaemons(ServingDaemons):
     that survives a node's failure; the i-th node of the step is the group's node i."""
 
     START_TIMEOUT_S = 120.0
+    lost: list[int] = []
+    """This group's nodes lost (once a group on the survivors replaced it)."""
     started = 0
     """Groups this job started (each its own step, named after its number)."""
 
@@ -190,9 +193,11 @@ class SlurmDaemons(ServingDaemons):
         return dead
 
     def without(self, lost: list[int]) -> tuple[SlurmDaemons, dict[str, str]]:
+        self.lost = lost
         survivors = [n for n in range(self.nodes) if n not in lost]
         restore = rebuild_lost(self.daemons, lost, survivors, self.parity)
         nodes = [self.node_indices[n] for n in survivors]
+        release_nodes(self.alloc, [self.node_indices[n] for n in lost], nodes)
         group = SlurmDaemons(
             self.alloc, nodes, self.config_path, self.overrides, self.run_dir, self.parity, job=self.daemons.job
         )
@@ -206,9 +211,13 @@ class SlurmDaemons(ServingDaemons):
             step = step_id(self.alloc.job_id, self.step_name)
             if step is not None:
                 subprocess.run(["scancel", "--signal=TERM", step], capture_output=True, timeout=60)
-            # srun may end before its tasks do; the step is listed until the last has ended.
+            # srun may end before its tasks do; the step is listed until the last has ended, or,
+            # with a lost node among its own, until Slurm notices that node is gone (minutes):
+            # then srun's end, once it has given up on that node, is the end of the rest.
             deadline = time.monotonic() + 60
             while step is not None and step_id(self.alloc.job_id, self.step_name) and time.monotonic() < deadline:
+                if self.lost and self.process.poll() is not None:
+                    break
                 time.sleep(0.2)
             try:
                 self.process.wait(timeout=30)
@@ -219,6 +228,19 @@ class SlurmDaemons(ServingDaemons):
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def release_nodes(alloc: Allocation, lost: list[int], keep: list[int]) -> None:
+    """Give the lost nodes back: the job shrinks to `keep` at once. Slurm itself notices a dead
+    node only after SlurmdTimeout (minutes on most clusters), and until then the step that ran
+    there holds its CPUs on the survivors too, so that no new step can start on them."""
+    names = ",".join(alloc.nodes[n] for n in keep)
+    print(f"stalwart: releasing node(s) {', '.join(alloc.nodes[n] for n in lost)} from job {alloc.job_id}", flush=True)
+    try:  # in a directory of its own: a resize leaves scripts that update a shell's SLURM_* there
+        with tempfile.TemporaryDirectory() as scratch:
+            _scontrol("update", f"JobId={alloc.job_id}", f"NodeList={names}", cwd=scratch)
+    except SlurmError as e:  # the job goes on regardless; Slurm removes dead nodes itself later
+        print(f"stalwart: could not release the lost node(s): {e}", file=sys.stderr, flush=True)
 
 
 def step_id(job_id: int, name: str) -> str | None:
@@ -242,25 +264,67 @@ PEER_EXIT_GRACE_S = 5
 launcher does: ranks that agreed on an error or a stop end together)."""
 
 
-class SrunRanks:
-    """The training step: every rank of one attempt, started by srun on `nodes`."""
+HEALTH_PERIOD_S = 2.0
+"""How often the supervisor asks the daemons whether their nodes are alive while ranks train."""
 
-    def __init__(self, alloc: Allocation, nodes: list[int], args: list[str], env: dict[str, str], restart: int):
+
+class SrunRanks:
+    """The training step: every rank of one attempt, started by srun on `nodes`, watched through
+    the nodes' daemons."""
+
+    def __init__(
+        self,
+        alloc: Allocation,
+        nodes: list[int],
+        args: list[str],
+        env: dict[str, str],
+        restart: int,
+        daemons: SlurmDaemons | None = None,
+    ):
         env = {
             **env,
             "MASTER_ADDR": alloc.addresses[nodes[0]],
             "MASTER_PORT": str(rendezvous_port(alloc.job_id, alloc.requeues, restart)),
         }
+        self.alloc, self.daemons, self.name = alloc, daemons, f"stalwart-train-{restart}"
         # Not --kill-on-bad-exit: it kills the other ranks the moment the first exits with the
-        # requeue code, while they are still on their way out with the same code.
-        grace = ["--kill-on-bad-exit=0", f"--wait={PEER_EXIT_GRACE_S}"]
-        command = [*srun_command(alloc, nodes, alloc.ranks_per_node, "stalwart-train"), *grace]
+        # requeue code, while they are still on their way out with the same code. --overlap:
+        # after a node's loss srun gives up on the step before Slurm has noticed the node is
+        # gone, and the step is listed as running, holding the survivors' CPUs, until Slurm
+        # does (after SlurmdTimeout, minutes); a step that does not overlap could not start.
+        grace = ["--kill-on-bad-exit=0", f"--wait={PEER_EXIT_GRACE_S}", "--overlap"]
+        command = [*srun_command(alloc, nodes, alloc.ranks_per_node, self.name), *grace]
         command += [sys.executable, "-m", "launcher.slurm", "--rank", *args]
         self.process = subprocess.Popen(command, env=env)
 
     def wait(self) -> list[int]:
-        """srun's exit code stands for every rank's: theirs when they agree, else a crash's."""
-        return [self.process.wait()]
+        """srun's exit code stands for every rank's: theirs when they agree, else a crash's.
+
+        A node whose daemon stops answering twice in a row is taken as lost, and the step is
+        ended at once: srun would wait for that node's tasks until its own timeout."""
+        missed: dict[int, int] = {}
+        while True:
+            try:
+                return [self.process.wait(timeout=HEALTH_PERIOD_S)]
+            except subprocess.TimeoutExpired:
+                pass
+            if self.daemons is None:
+                continue
+            dead = set(self.daemons.dead_nodes())
+            missed = {node: missed.get(node, 0) + 1 for node in dead}
+            if lost := sorted(node for node, count in missed.items() if count >= 2):
+                self._end(lost)
+                return [self.process.wait()]
+
+    def _end(self, lost: list[int]) -> None:
+        names = [self.alloc.nodes[self.daemons.node_indices[n]] for n in lost]
+        print(f"stalwart: the daemon(s) of {', '.join(names)} stopped answering: ending the training step", flush=True)
+        self.process.kill()
+        # The ranks on the other nodes too, which may wait for the lost node's in a collective.
+        # Not waited for: scancel waits for the lost node's slurmd, in vain, for MessageTimeout.
+        step = step_id(self.alloc.job_id, self.name)
+        if step is not None:
+            subprocess.Popen(["scancel", "--signal=KILL", step], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def signal(self, signum: int) -> None:
         if self.process.poll() is None:
@@ -278,6 +342,8 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
     overrides = [*overrides, data_parallel_override(config, nproc)]  # the layout this allocation has
     config = load_config(config_path, overrides)
     config.validate(world_size=nproc)
+    if already_finished(config):
+        return EXIT_OK
     prepare_missing_dataset(config)
     every = list(range(len(alloc.nodes)))
     run_dir = Path(config.run.dir)
@@ -293,7 +359,7 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
     def start(overrides: list[str], nproc: int, daemons: SlurmDaemons | None, restore: dict) -> SrunRanks:
         env = {**os.environ, **(daemons.env(0) if daemons else {}), **restore}
         nodes = daemons.node_indices if daemons else every
-        return SrunRanks(alloc, nodes, trainer_args(config_path, overrides), env, next(restarts))
+        return SrunRanks(alloc, nodes, trainer_args(config_path, overrides), env, next(restarts), daemons)
 
     signals: list[int] = []
     code = supervise(config, overrides, nproc, daemons, start, signals)

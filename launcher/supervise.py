@@ -258,6 +258,17 @@ def should_restart(code: int, steps_at_crashes: list[int | None], max_restarts: 
     return in_a_row <= max_restarts
 
 
+def already_finished(config: Config) -> bool:
+    """Whether the run's newest checkpoint is its last step: a finished run submitted again (a
+    requeue after the end, a resubmitted script) then has nothing to do, and says so."""
+    step = _newest_checkpoint_step(config)
+    if step is None or step < config.train.steps:
+        return False
+    steps = config.train.steps
+    print(f"stalwart: the run already finished (checkpoint of step {step}, train.steps={steps}); nothing to do")
+    return True
+
+
 def _newest_checkpoint_step(config: Config) -> int | None:
     from checkpoint.universal import find_resume_checkpoint
 

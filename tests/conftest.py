@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from trainer.data import prepare_dataset, stdlib_source_dir
+from trainer.metrics import read_metrics
 from trainer.schema import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +170,35 @@ def start_stalwart_run(config: Path, *overrides: str, nodes: int = 1, ranks: int
     run = Started(command, env=rank_env(ranks), cwd=REPO)
     run.dump_stacks_signal = signal.SIGUSR2
     return run
+
+
+def layout_change_reference(
+    run_dir: Path, dataset: str, settings: tuple[str, ...], step: int, dp_before: int, dp_after: int
+) -> dict[int, float]:
+    """Step -> loss of a run (the tiny model with `settings`, the distributed optimizer) that
+    changes from `dp_before` to `dp_after` data-parallel ranks at `step` the plain way, through
+    a disk checkpoint: what a run that lost a node at `step` and went on with fewer ranks from
+    memory must match."""
+    config = write_tiny_config(
+        run_dir.with_suffix(".yaml"),
+        run_dir,
+        dataset,
+        *settings,
+        f"checkpoint.interval={step}",
+        "checkpoint.keep=100",
+        "snapshot.interval=0",
+        "parallel.distributed_optimizer=true",
+    )
+    base = [sys.executable, "-m", "launcher.cli", "run", str(config)]
+    first = run_command([*base, f"--set=parallel.dp={dp_before}"], 900, env=rank_env(dp_before), cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for later in (run_dir / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    second = run_command([*base, f"--set=parallel.dp={dp_after}"], 900, env=rank_env(dp_after), cwd=REPO)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"restored step {step} from disk" in second.stdout
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
 # -- the processes a test started, seen through /proc (any of them may be ending meanwhile) --

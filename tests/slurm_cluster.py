@@ -9,6 +9,7 @@ Slurm: sbatch, srun, scontrol and scancel are the real ones, talking to real dae
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.conftest import all_pids, environment, parent_of
 
 NODES = ("n1", "n2", "n3")
 START_TIMEOUT_S = 120
@@ -113,6 +116,22 @@ class SlurmCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nodes not idle after {START_TIMEOUT_S} s: {self.node_states()}{self.logs()}")
             time.sleep(0.2)
+
+    def lose_node(self, name: str) -> None:
+        """Node `name` fails as a machine that loses power: its slurmd and every process of its
+        job steps (the tasks, which carry its name in SLURMD_NODENAME, and the slurmstepd
+        above each) are SIGKILLed together; the other nodes, on this same host, carry on."""
+        tasks = [pid for pid in all_pids() if environment(pid).get("SLURMD_NODENAME") == name]
+        stepds = {parent_of(pid) for pid in tasks} - {None, 1}
+        slurmd = int((self.root / f"slurmd-{name}.pid").read_text())
+        for pid in [slurmd, *stepds, *tasks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def bring_back(self, name: str) -> None:
+        """Start a lost node's slurmd again and wait until Slurm schedules on it."""
+        self._run("slurmd", "-N", name)
+        self.wait_until_idle([name])
 
     def logs(self) -> str:
         parts = []

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from tests.conftest import (
     REPO,
     children_of,
     descendants,
+    layout_change_reference,
     process_name,
     rank_env,
     ranks_below,
@@ -276,31 +276,8 @@ def test_losing_a_node_continues_on_the_survivors_from_the_rebuilt_snapshot(tmp_
     assert received and float(received.group(1)) > 0, event["origin"]
 
     # The reference: DP6 with a checkpoint at that step, resumed at DP4 from disk.
-    reference = write_tiny_config(
-        tmp_path / "ref.yaml",
-        tmp_path / "ref",
-        small_dataset,
-        *settings[:-1],
-        f"checkpoint.interval={lost_at}",
-        "checkpoint.keep=100",
-        "snapshot.interval=0",
-        "parallel.distributed_optimizer=true",
-    )
-    base = [sys.executable, "-m", "launcher.cli", "run", str(reference)]
-    first = subprocess.run(
-        [*base, "--set=parallel.dp=6"], capture_output=True, text=True, env=rank_env(6), cwd=REPO, timeout=TIMEOUT_S
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    for later in (tmp_path / "ref" / "checkpoints").glob("step_*"):
-        if int(later.name.split("_")[1]) > lost_at:
-            shutil.rmtree(later)
-    second = subprocess.run(
-        [*base, "--set=parallel.dp=4"], capture_output=True, text=True, env=rank_env(4), cwd=REPO, timeout=TIMEOUT_S
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"restored step {lost_at} from disk" in second.stdout
+    expected = layout_change_reference(tmp_path / "ref", small_dataset, settings[:-1], lost_at, 6, 4)
     got = {r["step"]: r["loss"] for r in read_metrics(metrics)}
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     assert max(abs(got[s] - expected[s]) for s in got) <= 1e-5
 

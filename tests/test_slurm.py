@@ -1,7 +1,9 @@
 """The Slurm test cluster itself: what the launcher's Slurm tests stand on."""
 
+import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -9,7 +11,16 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, rank_env, start_stalwart_run, write_tiny_config
+from tests.conftest import (
+    REPO,
+    all_pids,
+    argv,
+    environment,
+    layout_change_reference,
+    rank_env,
+    start_stalwart_run,
+    write_tiny_config,
+)
 from tests.slurm_cluster import NODES, SlurmCluster
 from trainer.metrics import read_metrics
 
@@ -61,22 +72,38 @@ def sbatch(
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sbatch_trains_with_a_daemon_step_per_node_as_stalwart_run_does(slurm, tmp_path, small_dataset):
+STEPS = ("train.steps=24", "train.eval_interval=0")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_dataset) -> dict[int, float]:
+    """Step -> loss of the tests' run (STEPS) under `stalwart run` on two emulated nodes x two
+    ranks, uninterrupted: what every Slurm job of that run must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_tiny_config(root / "run.yaml", root / "run", small_dataset, *STEPS)
+    code, _, err = start_stalwart_run(config, "parallel.dp=4", nodes=2, ranks=4).finish(600)
+    assert code == 0, err[-3000:]
+    return {r["step"]: r["loss"] for r in read_metrics(root / "run" / "metrics.jsonl")}
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def test_sbatch_trains_with_a_daemon_step_per_node_as_stalwart_run_does(slurm, tmp_path, small_dataset, uninterrupted):
     """`sbatch launcher/pretrain.slurm CONFIG` on two nodes x two ranks: a snapshot daemon per
     node as its own job step, the ranks in a training step, every step snapshotted and the
     checkpoints written from the snapshots; the losses are those of `stalwart run` on two
     emulated nodes, bit for bit, and nothing is left in shared memory."""
-    steps = ("train.steps=12", "train.eval_interval=0", "checkpoint.interval=6")
-    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *steps)
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *STEPS, "checkpoint.interval=12")
     before = set(os.listdir("/dev/shm"))
     done = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=2", "--time=10")
     out = (tmp_path / "slurm.out").read_text() if (tmp_path / "slurm.out").exists() else ""
     assert done.returncode == 0, done.stderr + out[-6000:] + slurm.logs()
     job = done.stdout.strip().split(";")[0]
     assert f"stalwart: job {job} on 2 node(s) x 2 rank(s), snapshot daemons at" in out, out[-3000:]
-    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
-    assert sorted(losses) == list(range(1, 13))
-    newest = tmp_path / "run" / "checkpoints" / "step_000000012"
+    assert losses(tmp_path / "run") == uninterrupted
+    newest = tmp_path / "run" / "checkpoints" / "step_000000024"
     verified = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(newest)], capture_output=True, text=True, cwd=REPO
     )
@@ -84,10 +111,18 @@ def test_sbatch_trains_with_a_daemon_step_per_node_as_stalwart_run_does(slurm, t
     assert stat.S_IMODE((tmp_path / "run" / "snapshot.token").stat().st_mode) == 0o600
     assert not [name for name in set(os.listdir("/dev/shm")) - before if name.startswith(f"stalwart-slurm-{job}-")]
 
-    local = write_tiny_config(tmp_path / "local.yaml", tmp_path / "local", small_dataset, *steps)
-    code, _, err = start_stalwart_run(local, "parallel.dp=4", nodes=2, ranks=4).finish(600)
-    assert code == 0, err[-3000:]
-    assert losses == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "local" / "metrics.jsonl")}
+    # Submitted again, the finished run has nothing to do: no daemons, no ranks, no requeue.
+    again = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=2", "--time=10")
+    out = (tmp_path / "slurm.out").read_text()
+    assert again.returncode == 0, again.stderr + out[-3000:]
+    assert "stalwart: the run already finished (checkpoint of step 24, train.steps=24); nothing to do" in out
+    assert out.count("snapshot daemons at") == 1 and losses(tmp_path / "run") == uninterrupted
+
+
+def test_the_batch_script_passes_bash_n_and_shellcheck():
+    for check in (["bash", "-n"], ["shellcheck", "--shell=bash"]):
+        done = subprocess.run([*check, str(SLURM_SCRIPT)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{' '.join(check)}: {done.stdout}{done.stderr}"
 
 
 def test_what_the_launcher_reads_from_slurm():
@@ -127,13 +162,16 @@ def newest_step(metrics) -> int:
     return max((r["step"] for r in read_metrics(metrics)), default=0) if metrics.is_file() else 0
 
 
-def test_usr1_before_the_time_limit_saves_requeues_and_the_job_resumes_bit_exactly(slurm, tmp_path, small_dataset):
+def test_usr1_before_the_time_limit_saves_requeues_and_the_job_resumes_bit_exactly(
+    slurm, tmp_path, small_dataset, uninterrupted
+):
     """The time limit's warning (`--signal=B:USR1@N` signals the batch shell; sent here with
     `scancel --signal=USR1 --batch`) stops every rank at a step boundary with a checkpoint;
     the job requeues itself, eligible at once, and the requeued job resumes from that
     checkpoint and finishes with the losses of an uninterrupted run."""
-    steps = ("train.steps=24", "train.eval_interval=0", "checkpoint.interval=100")
-    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *steps)
+    config = write_tiny_config(
+        tmp_path / "run.yaml", tmp_path / "run", small_dataset, *STEPS, "checkpoint.interval=100"
+    )
     submitted = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=2", wait=False)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
@@ -150,12 +188,7 @@ def test_usr1_before_the_time_limit_saves_requeues_and_the_job_resumes_bit_exact
     assert f"stalwart: requeueing job {job}" in out
     stopped_at = int(re.search(r"restored step (\d+) from disk", out).group(1))
     assert 4 <= stopped_at < 24
-    losses = {r["step"]: r["loss"] for r in read_metrics(metrics)}
-
-    reference = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", small_dataset, *steps)
-    code, _, err = start_stalwart_run(reference, "parallel.dp=4", nodes=2, ranks=4).finish(600)
-    assert code == 0, err[-3000:]
-    assert losses == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+    assert losses(tmp_path / "run") == uninterrupted
 
 
 def test_a_cancelled_job_is_not_requeued(slurm, tmp_path, small_dataset):
@@ -183,3 +216,147 @@ def test_only_the_time_limit_warning_requeues():
     assert not should_requeue(75, [signal.SIGUSR1, signal.SIGTERM])  # cancelled or preempted meanwhile
     assert not should_requeue(75, [signal.SIGTERM]) and not should_requeue(0, [signal.SIGUSR1])
     assert not should_requeue(3, [signal.SIGUSR1])  # gave up: do not requeue
+
+
+def job_ranks(job: str) -> dict[int, int]:
+    """Rank -> pid of the job's training ranks (every node of the test cluster is this host)."""
+    found = {}
+    for pid in all_pids():
+        if argv(pid)[1:4] == ["-m", "launcher.slurm", "--rank"]:
+            env = environment(pid)
+            if env.get("SLURM_JOB_ID") == job:
+                found[int(env["SLURM_PROCID"])] = pid
+    return found
+
+
+def events(run_dir) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def submit(slurm, config, tmp_path, *options: str) -> str:
+    """Submit the run without waiting; its job id."""
+    submitted = sbatch(slurm, [config], tmp_path, *options, wait=False)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def wait_for_step(slurm, tmp_path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while newest_step(tmp_path / "run" / "metrics.jsonl") < step:
+        assert time.monotonic() < deadline, slurm_out(tmp_path)[-3000:] + slurm.logs()
+        time.sleep(0.05)
+
+
+def slurm_out(tmp_path) -> str:
+    path = tmp_path / "slurm.out"
+    return path.read_text() if path.is_file() else ""
+
+
+def test_a_rank_sigkilled_is_restored_from_memory_inside_the_job_losing_at_most_the_step_in_flight(
+    slurm, tmp_path, small_dataset, uninterrupted
+):
+    """SIGKILL of one rank: srun ends the training step on every node, the supervisor starts a
+    new one inside the job (no requeue), and every rank restores from its node daemon's memory
+    a step at most one behind the newest one logged; the losses are the uninterrupted run's."""
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *STEPS, "checkpoint.interval=0")
+    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=2")
+    wait_for_step(slurm, tmp_path, 4)
+    ranks = job_ranks(job)
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
+    os.kill(ranks[3], signal.SIGKILL)
+    reached, deadline = 0, time.monotonic() + 300
+    while not events(tmp_path / "run"):  # the newest step logged before the restore
+        reached = max(reached, newest_step(tmp_path / "run" / "metrics.jsonl"))
+        assert time.monotonic() < deadline, slurm_out(tmp_path)[-3000:] + slurm.logs()
+        time.sleep(0.01)
+    final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
+    out = slurm_out(tmp_path)
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "0", f"{final}\n{out[-4000:]}"
+    assert "a rank crashed; restarting the ranks (restart 1)" in out
+    restored = events(tmp_path / "run")
+    assert len(restored) == 1 and restored[0]["source"] == "memory", restored
+    assert reached - restored[0]["step"] <= 1, (reached, restored)
+    assert losses(tmp_path / "run") == uninterrupted
+
+
+def test_a_rank_that_fails_at_the_same_step_every_time_stops_the_job_with_the_do_not_requeue_code(
+    slurm, tmp_path, small_dataset
+):
+    """Every restarted rank dies before it gets past the step it restores: after run.max_restarts
+    restarts the job fails with exit code 3 and is not requeued."""
+    config = write_tiny_config(
+        tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400", "run.max_restarts=1"
+    )
+    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=1")
+    wait_for_step(slurm, tmp_path, 3)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 600
+    while job_fields(slurm, job).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+        for pid in set(job_ranks(job).values()) - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        assert time.monotonic() < deadline, slurm_out(tmp_path)[-3000:]
+        time.sleep(0.02)
+    final = job_fields(slurm, job)
+    out = slurm_out(tmp_path)
+    assert final["JobState"] == "FAILED" and final["ExitCode"] == "3:0" and final["Restarts"] == "0", final
+    assert "the run crashed 2 times in a row at step" in out and "giving up (run.max_restarts=1)" in out, out[-3000:]
+    assert len(killed) == 2 * 2  # the first attempt's ranks and one restart's
+
+
+@pytest.mark.timeout(1200)
+def test_losing_a_node_continues_on_the_other_two_from_the_rebuilt_snapshot(slurm, tmp_path, small_dataset):
+    """Three nodes x one rank with parity 1; node n3 fails (its slurmd and all its processes
+    SIGKILLed). The job survives (--no-kill), the survivors rebuild n3's share of the newest
+    snapshot from parity, and a new training step on n1 and n2 continues at DP2 from memory,
+    matching a run that changes from DP3 to DP2 through a disk checkpoint at the same step."""
+    settings = ("train.steps=30", "train.global_batch_tokens=768", "train.eval_interval=0")  # 12 sequences
+    run_settings = (*settings, "checkpoint.interval=0", "parallel.distributed_optimizer=true")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *run_settings)
+    job = submit(slurm, config, tmp_path, "--nodes=3", "--ntasks-per-node=1")
+    try:
+        wait_for_step(slurm, tmp_path, 6)
+        slurm.lose_node("n3")
+        final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
+    finally:
+        slurm.bring_back("n3")
+    out = slurm_out(tmp_path)
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "0", f"{final}\n{out[-4000:]}"
+    assert "node(s) [2] lost" in out and "continuing on 2 node(s)" in out, out[-3000:]
+    restored = events(tmp_path / "run")
+    assert len(restored) == 1, restored
+    assert restored[0]["source"] == "memory" and restored[0]["layout"] == "tp1 pp1 dp3 +distopt", restored
+    lost_at = restored[0]["step"]
+    assert lost_at >= 5  # step 6 was logged before the loss: at most the step after it was in flight
+    expected = layout_change_reference(tmp_path / "ref", small_dataset, settings, lost_at, 3, 2)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == sorted(expected) == list(range(1, 31))
+    assert max(abs(got[s] - expected[s]) for s in got) <= 1e-5
+
+
+def test_a_rank_stopped_with_sigstop_is_found_hung_killed_and_the_job_recovers_from_memory(
+    slurm, tmp_path, small_dataset, uninterrupted
+):
+    """SIGSTOP of one rank: the other ranks wait for it in a collective, nobody finishes a step,
+    and after run.hang_timeout_s the node daemons kill the ranks that stopped reporting,
+    naming rank and step; the job restarts the ranks from memory and ends with the losses of
+    an uninterrupted run."""
+    settings = (*STEPS, "checkpoint.interval=0", "run.hang_timeout_s=10")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *settings)
+    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=2")
+    wait_for_step(slurm, tmp_path, 4)
+    ranks = job_ranks(job)
+    os.kill(ranks[1], signal.SIGSTOP)
+    final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
+    out = slurm_out(tmp_path)
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "0", f"{final}\n{out[-4000:]}"
+    found = re.search(
+        rf"rank 1 \(pid {ranks[1]}, stopped by a signal\) made no progress for (\d+) s after step (\d+)", out
+    )
+    assert found, out[-4000:]
+    assert int(found.group(1)) >= 10  # killed only once the timeout had passed
+    restored = events(tmp_path / "run")
+    assert len(restored) == 1 and restored[0]["source"] == "memory", restored
+    assert restored[0]["step"] >= int(found.group(2)) - 1  # at most the step in flight lost
+    assert losses(tmp_path / "run") == uninterrupted

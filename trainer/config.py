@@ -174,10 +174,17 @@ class RunConfig:
     max_restarts: int = 3
     """`stalwart run` restarts crashed ranks inside the job, at most this many times in a row without a
     newer snapshot or checkpoint; the crash after that ends the run (exit code 3: do not requeue)."""
+    hang_timeout_s: float | None = None
+    """A rank that finishes no step for this long is killed by its node's snapshot daemon, and the ranks
+    restart from the newest snapshot. None: max(60 s, 5x the rank's median step). Needs the daemons
+    (snapshot.interval != 0)."""
 
     def validate(self) -> None:
         if self.max_restarts < 0:
             raise ConfigError("run.max_restarts", f"must be >= 0, got {self.max_restarts}")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            given = self.hang_timeout_s
+            raise ConfigError("run.hang_timeout_s", f"must be > 0 seconds, or null for automatic, got {given}")
 
 
 @dataclass

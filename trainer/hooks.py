@@ -85,6 +85,20 @@ class SnapshotHook(Hook):
         self.snapshotter.finish()
 
 
+class ProgressHook(Hook):
+    """Every finished step reported to the node's snapshot daemon, which kills a rank that stops
+    reporting for run.hang_timeout_s (checkpoint/watchdog.py); unwatched from the end on."""
+
+    def __init__(self, snapshotter):
+        self.snapshotter = snapshotter
+
+    def after_step(self, step: int, record: dict, stopping: bool) -> None:
+        self.snapshotter.report_progress(step)
+
+    def at_end(self, step: int) -> None:
+        self.snapshotter.leave()  # before the final saves, which may take long
+
+
 class MetricsHook(Hook):
     """Rank 0: metrics.jsonl, the progress bar or log lines, the loss plot and the run summary."""
 

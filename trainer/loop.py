@@ -29,7 +29,7 @@ from trainer.data import (
     shard_for_rank,
 )
 from trainer.errors import DataError
-from trainer.hooks import CheckpointHook, EvalHook, Hook, MetricsHook, SnapshotHook, StopRequest
+from trainer.hooks import CheckpointHook, EvalHook, Hook, MetricsHook, ProgressHook, SnapshotHook, StopRequest
 from trainer.metrics import model_flops_per_token, peak_flops_per_device
 from trainer.model import padded_vocab_size
 from trainer.schedule import learning_rate
@@ -175,6 +175,7 @@ class Trainer:
         cfg = self.config
         hooks: list[Hook] = [EvalHook(self.evaluate, cfg.train.eval_interval, cfg.train.steps)]
         if self.snapshotter is not None:  # checkpoints are written from the snapshots
+            hooks.append(ProgressHook(self.snapshotter))
             hooks.append(
                 SnapshotHook(self.snapshotter, self.snapshot_interval, cfg.checkpoint.interval, cfg.train.steps)
             )

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63heckpoint/proto/snapshot.proto\x12\x14stalwart.snapshot.v1\"F\n\x06\x42uffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"<\n\x0eReserveRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"/\n\x0cReserveReply\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"[\n\x0e\x44\x65liverRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12-\n\x07\x62uffers\x18\x03 \x03(\x0b\x32\x1c.stalwart.snapshot.v1.Buffer\"?\n\x0c\x44\x65liverReply\x12\x17\n\x0f\x64\x65livered_ranks\x18\x01 \x01(\x05\x12\x16\n\x0e\x65xpected_ranks\x18\x02 \x01(\x05\".\n\rCommitRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07prepare\x18\x02 \x01(\x08\"_\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x15\n\rmissing_ranks\x18\x02 \x03(\x05\x12\x17\n\x0fmissing_stripes\x18\x03 \x03(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\"$\n\x0bListRequest\x12\x15\n\rinclude_ready\x18\x01 \x01(\x08\"N\n\x0cSnapshotInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tcommitted\x18\x04 \x01(\x08\"B\n\tListReply\x12\x35\n\tsnapshots\x18\x01 \x03(\x0b\x32\".stalwart.snapshot.v1.SnapshotInfo\"0\n\x0c\x46\x65tchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05J\x04\x08\x03\x10\x04\"M\n\x0bLocateReply\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12-\n\x07\x62uffers\x18\x02 \x03(\x0b\x32\x1c.stalwart.snapshot.v1.Buffer\"\x1d\n\rVerifyRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"+\n\x0bVerifyReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\"\x1b\n\x0b\x44ropRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xb6\x02\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x04 \x01(\x04\x12\x16\n\x0e\x65xpected_ranks\x18\x05 \x03(\x05\x12\x35\n\tsnapshots\x18\x06 \x03(\x0b\x32\".stalwart.snapshot.v1.SnapshotInfo\x12.\n\x05steps\x18\x07 \x03(\x0b\x32\x1f.stalwart.snapshot.v1.StepState\x12\r\n\x05peers\x18\x08 \x03(\t\x12?\n\x10materializations\x18\t \x03(\x0b\x32%.stalwart.snapshot.v1.Materialization\x12\x12\n\nblock_port\x18\n \x01(\r\"\x8f\x01\n\x12MaterializeRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x14\n\x0cwriter_token\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0c\n\x04keep\x18\x05 \x01(\x05\x12\x12\n\nkeep_every\x18\x06 \x01(\x05\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\"\x12\n\x10MaterializeReply\"K\n\x0fMaterialization\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xe4\x01\n\tStepState\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12*\n\x05phase\x18\x02 \x01(\x0e\x32\x1b.stalwart.snapshot.v1.Phase\x12\x16\n\x0ereserved_ranks\x18\x03 \x03(\x05\x12\x17\n\x0f\x64\x65livered_ranks\x18\x04 \x03(\x05\x12\x13\n\x0b\x62locks_sent\x18\x05 \x01(\r\x12\x16\n\x0e\x62locks_to_send\x18\x06 \x01(\r\x12\x17\n\x0fmissing_stripes\x18\x07 \x03(\x05\x12\x14\n\x0c\x65ncode_error\x18\x08 \x01(\t\x12\x10\n\x08segments\x18\t \x03(\t\" \n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\"\x0f\n\rSetPeersReply\",\n\x0eRebuildRequest\x12\x11\n\x04node\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_node\",\n\x0cRebuildReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04*\x89\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10PHASE_DELIVERING\x10\x01\x12\x12\n\x0ePHASE_ENCODING\x10\x02\x12\x19\n\x15PHASE_AWAITING_PARITY\x10\x03\x12\x0f\n\x0bPHASE_READY\x10\x04\x12\x13\n\x0fPHASE_COMMITTED\x10\x05\x32\xa7\x07\n\x0eSnapshotDaemon\x12S\n\x07Reserve\x12$.stalwart.snapshot.v1.ReserveRequest\x1a\".stalwart.snapshot.v1.ReserveReply\x12S\n\x07\x44\x65liver\x12$.stalwart.snapshot.v1.DeliverRequest\x1a\".stalwart.snapshot.v1.DeliverReply\x12P\n\x06\x43ommit\x12#.stalwart.snapshot.v1.CommitRequest\x1a!.stalwart.snapshot.v1.CommitReply\x12J\n\x04List\x12!.stalwart.snapshot.v1.ListRequest\x1a\x1f.stalwart.snapshot.v1.ListReply\x12O\n\x06Locate\x12\".stalwart.snapshot.v1.FetchRequest\x1a!.stalwart.snapshot.v1.LocateReply\x12P\n\x06Verify\x12#.stalwart.snapshot.v1.VerifyRequest\x1a!.stalwart.snapshot.v1.VerifyReply\x12J\n\x04\x44rop\x12!.stalwart.snapshot.v1.DropRequest\x1a\x1f.stalwart.snapshot.v1.DropReply\x12P\n\x06Status\x12#.stalwart.snapshot.v1.StatusRequest\x1a!.stalwart.snapshot.v1.StatusReply\x12S\n\x07Rebuild\x12$.stalwart.snapshot.v1.RebuildRequest\x1a\".stalwart.snapshot.v1.RebuildReply\x12V\n\x08SetPeers\x12%.stalwart.snapshot.v1.SetPeersRequest\x1a#.stalwart.snapshot.v1.SetPeersReply\x12_\n\x0bMaterialize\x12(.stalwart.snapshot.v1.MaterializeRequest\x1a&.stalwart.snapshot.v1.MaterializeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63heckpoint/proto/snapshot.proto\x12\x14stalwart.snapshot.v1\"F\n\x06\x42uffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"<\n\x0eReserveRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"/\n\x0cReserveReply\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"[\n\x0e\x44\x65liverRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12-\n\x07\x62uffers\x18\x03 \x03(\x0b\x32\x1c.stalwart.snapshot.v1.Buffer\"?\n\x0c\x44\x65liverReply\x12\x17\n\x0f\x64\x65livered_ranks\x18\x01 \x01(\x05\x12\x16\n\x0e\x65xpected_ranks\x18\x02 \x01(\x05\".\n\rCommitRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07prepare\x18\x02 \x01(\x08\"_\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x15\n\rmissing_ranks\x18\x02 \x03(\x05\x12\x17\n\x0fmissing_stripes\x18\x03 \x03(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\"$\n\x0bListRequest\x12\x15\n\rinclude_ready\x18\x01 \x01(\x08\"N\n\x0cSnapshotInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tcommitted\x18\x04 \x01(\x08\"B\n\tListReply\x12\x35\n\tsnapshots\x18\x01 \x03(\x0b\x32\".stalwart.snapshot.v1.SnapshotInfo\"0\n\x0c\x46\x65tchRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05J\x04\x08\x03\x10\x04\"M\n\x0bLocateReply\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12-\n\x07\x62uffers\x18\x02 \x03(\x0b\x32\x1c.stalwart.snapshot.v1.Buffer\"\x1d\n\rVerifyRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"+\n\x0bVerifyReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\"\x1b\n\x0b\x44ropRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"K\n\x0fProgressRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\"\x0f\n\rProgressReply\"\x0f\n\rStatusRequest\"\xb6\x02\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x04 \x01(\x04\x12\x16\n\x0e\x65xpected_ranks\x18\x05 \x03(\x05\x12\x35\n\tsnapshots\x18\x06 \x03(\x0b\x32\".stalwart.snapshot.v1.SnapshotInfo\x12.\n\x05steps\x18\x07 \x03(\x0b\x32\x1f.stalwart.snapshot.v1.StepState\x12\r\n\x05peers\x18\x08 \x03(\t\x12?\n\x10materializations\x18\t \x03(\x0b\x32%.stalwart.snapshot.v1.Materialization\x12\x12\n\nblock_port\x18\n \x01(\r\"\x8f\x01\n\x12MaterializeRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x14\n\x0cwriter_token\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0c\n\x04keep\x18\x05 \x01(\x05\x12\x12\n\nkeep_every\x18\x06 \x01(\x05\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\"\x12\n\x10MaterializeReply\"K\n\x0fMaterialization\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xe4\x01\n\tStepState\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12*\n\x05phase\x18\x02 \x01(\x0e\x32\x1b.stalwart.snapshot.v1.Phase\x12\x16\n\x0ereserved_ranks\x18\x03 \x03(\x05\x12\x17\n\x0f\x64\x65livered_ranks\x18\x04 \x03(\x05\x12\x13\n\x0b\x62locks_sent\x18\x05 \x01(\r\x12\x16\n\x0e\x62locks_to_send\x18\x06 \x01(\r\x12\x17\n\x0fmissing_stripes\x18\x07 \x03(\x05\x12\x14\n\x0c\x65ncode_error\x18\x08 \x01(\t\x12\x10\n\x08segments\x18\t \x03(\t\" \n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\"\x0f\n\rSetPeersReply\",\n\x0eRebuildRequest\x12\x11\n\x04node\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_node\",\n\x0cRebuildReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04*\x89\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10PHASE_DELIVERING\x10\x01\x12\x12\n\x0ePHASE_ENCODING\x10\x02\x12\x19\n\x15PHASE_AWAITING_PARITY\x10\x03\x12\x0f\n\x0bPHASE_READY\x10\x04\x12\x13\n\x0fPHASE_COMMITTED\x10\x05\x32\xff\x07\n\x0eSnapshotDaemon\x12S\n\x07Reserve\x12$.stalwart.snapshot.v1.ReserveRequest\x1a\".stalwart.snapshot.v1.ReserveReply\x12S\n\x07\x44\x65liver\x12$.stalwart.snapshot.v1.DeliverRequest\x1a\".stalwart.snapshot.v1.DeliverReply\x12P\n\x06\x43ommit\x12#.stalwart.snapshot.v1.CommitRequest\x1a!.stalwart.snapshot.v1.CommitReply\x12J\n\x04List\x12!.stalwart.snapshot.v1.ListRequest\x1a\x1f.stalwart.snapshot.v1.ListReply\x12O\n\x06Locate\x12\".stalwart.snapshot.v1.FetchRequest\x1a!.stalwart.snapshot.v1.LocateReply\x12P\n\x06Verify\x12#.stalwart.snapshot.v1.VerifyRequest\x1a!.stalwart.snapshot.v1.VerifyReply\x12J\n\x04\x44rop\x12!.stalwart.snapshot.v1.DropRequest\x1a\x1f.stalwart.snapshot.v1.DropReply\x12P\n\x06Status\x12#.stalwart.snapshot.v1.StatusRequest\x1a!.stalwart.snapshot.v1.StatusReply\x12S\n\x07Rebuild\x12$.stalwart.snapshot.v1.RebuildRequest\x1a\".stalwart.snapshot.v1.RebuildReply\x12V\n\x08SetPeers\x12%.stalwart.snapshot.v1.SetPeersRequest\x1a#.stalwart.snapshot.v1.SetPeersReply\x12_\n\x0bMaterialize\x12(.stalwart.snapshot.v1.MaterializeRequest\x1a&.stalwart.snapshot.v1.MaterializeReply\x12V\n\x08Progress\x12%.stalwart.snapshot.v1.ProgressRequest\x1a#.stalwart.snapshot.v1.ProgressReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'checkpoint.proto.snapshot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1941
-  _globals['_PHASE']._serialized_end=2078
+  _globals['_PHASE']._serialized_start=2035
+  _globals['_PHASE']._serialized_end=2172
   _globals['_BUFFER']._serialized_start=57
   _globals['_BUFFER']._serialized_end=127
   _globals['_RESERVEREQUEST']._serialized_start=129
@@ -65,26 +65,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPREQUEST']._serialized_end=961
   _globals['_DROPREPLY']._serialized_start=963
   _globals['_DROPREPLY']._serialized_end=991
-  _globals['_STATUSREQUEST']._serialized_start=993
-  _globals['_STATUSREQUEST']._serialized_end=1008
-  _globals['_STATUSREPLY']._serialized_start=1011
-  _globals['_STATUSREPLY']._serialized_end=1321
-  _globals['_MATERIALIZEREQUEST']._serialized_start=1324
-  _globals['_MATERIALIZEREQUEST']._serialized_end=1467
-  _globals['_MATERIALIZEREPLY']._serialized_start=1469
-  _globals['_MATERIALIZEREPLY']._serialized_end=1487
-  _globals['_MATERIALIZATION']._serialized_start=1489
-  _globals['_MATERIALIZATION']._serialized_end=1564
-  _globals['_STEPSTATE']._serialized_start=1567
-  _globals['_STEPSTATE']._serialized_end=1795
-  _globals['_SETPEERSREQUEST']._serialized_start=1797
-  _globals['_SETPEERSREQUEST']._serialized_end=1829
-  _globals['_SETPEERSREPLY']._serialized_start=1831
-  _globals['_SETPEERSREPLY']._serialized_end=1846
-  _globals['_REBUILDREQUEST']._serialized_start=1848
-  _globals['_REBUILDREQUEST']._serialized_end=1892
-  _globals['_REBUILDREPLY']._serialized_start=1894
-  _globals['_REBUILDREPLY']._serialized_end=1938
-  _globals['_SNAPSHOTDAEMON']._serialized_start=2081
-  _globals['_SNAPSHOTDAEMON']._serialized_end=3016
+  _globals['_PROGRESSREQUEST']._serialized_start=993
+  _globals['_PROGRESSREQUEST']._serialized_end=1068
+  _globals['_PROGRESSREPLY']._serialized_start=1070
+  _globals['_PROGRESSREPLY']._serialized_end=1085
+  _globals['_STATUSREQUEST']._serialized_start=1087
+  _globals['_STATUSREQUEST']._serialized_end=1102
+  _globals['_STATUSREPLY']._serialized_start=1105
+  _globals['_STATUSREPLY']._serialized_end=1415
+  _globals['_MATERIALIZEREQUEST']._serialized_start=1418
+  _globals['_MATERIALIZEREQUEST']._serialized_end=1561
+  _globals['_MATERIALIZEREPLY']._serialized_start=1563
+  _globals['_MATERIALIZEREPLY']._serialized_end=1581
+  _globals['_MATERIALIZATION']._serialized_start=1583
+  _globals['_MATERIALIZATION']._serialized_end=1658
+  _globals['_STEPSTATE']._serialized_start=1661
+  _globals['_STEPSTATE']._serialized_end=1889
+  _globals['_SETPEERSREQUEST']._serialized_start=1891
+  _globals['_SETPEERSREQUEST']._serialized_end=1923
+  _globals['_SETPEERSREPLY']._serialized_start=1925
+  _globals['_SETPEERSREPLY']._serialized_end=1940
+  _globals['_REBUILDREQUEST']._serialized_start=1942
+  _globals['_REBUILDREQUEST']._serialized_end=1986
+  _globals['_REBUILDREPLY']._serialized_start=1988
+  _globals['_REBUILDREPLY']._serialized_end=2032
+  _globals['_SNAPSHOTDAEMON']._serialized_start=2175
+  _globals['_SNAPSHOTDAEMON']._serialized_end=3198
 # @@protoc_insertion_point(module_scope)

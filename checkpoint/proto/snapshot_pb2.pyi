@@ -156,6 +156,22 @@ class DropReply(_message.Message):
     dropped: bool
     def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
 
+class ProgressRequest(_message.Message):
+    __slots__ = ("rank", "step", "pid", "leaving")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    pid: int
+    leaving: bool
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., pid: _Optional[int] = ..., leaving: _Optional[bool] = ...) -> None: ...
+
+class ProgressReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -89,6 +89,11 @@ class SnapshotDaemonStub:
                 request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
                 _registered_method=True)
+        self.Progress = channel.unary_unary(
+                '/stalwart.snapshot.v1.SnapshotDaemon/Progress',
+                request_serializer=checkpoint_dot_proto_dot_snapshot__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.ProgressReply.FromString,
+                _registered_method=True)
 
 
 class SnapshotDaemonServicer:
@@ -181,6 +186,15 @@ class SnapshotDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Progress(self, request, context):
+        """A rank on this node finished a step (or, with `leaving`, is ending): the daemon kills a
+        rank that reports no progress for the run's hang timeout, which ends the training step
+        and starts the launcher's recovery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +252,11 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
                     servicer.Materialize,
                     request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.FromString,
                     response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.SerializeToString,
+            ),
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=checkpoint_dot_proto_dot_snapshot__pb2.ProgressRequest.FromString,
+                    response_serializer=checkpoint_dot_proto_dot_snapshot__pb2.ProgressReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,6 +556,33 @@ class SnapshotDaemon:
             '/stalwart.snapshot.v1.SnapshotDaemon/Materialize',
             checkpoint_dot_proto_dot_snapshot__pb2.MaterializeRequest.SerializeToString,
             checkpoint_dot_proto_dot_snapshot__pb2.MaterializeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stalwart.snapshot.v1.SnapshotDaemon/Progress',
+            checkpoint_dot_proto_dot_snapshot__pb2.ProgressRequest.SerializeToString,
+            checkpoint_dot_proto_dot_snapshot__pb2.ProgressReply.FromString,
             options,
             channel_credentials,
             insecure,
