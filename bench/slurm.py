@@ -222,6 +222,7 @@ def main() -> None:
             with tqdm(total=3 * rounds, desc="slurm bench") as bar:
                 for r in range(rounds):  # alternated, so that the machine's drift hits each alike
                     for key, measure in (("kill", rank_kill), ("node", node_loss), ("usr1", usr1)):
+                        (tmp / f"{key}{r}").mkdir()
                         results[key].append(measure(cluster, tmp / f"{key}{r}", data))
                         bar.update(1)
         finally:
