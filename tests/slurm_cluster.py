@@ -124,9 +124,12 @@ class SlurmCluster:
         tasks = [pid for pid in all_pids() if environment(pid).get("SLURMD_NODENAME") == name]
         stepds = {parent_of(pid) for pid in tasks} - {None, 1}
         slurmd = int((self.root / f"slurmd-{name}.pid").read_text())
+        memory = {path for pid in tasks for path in shared_memory_of(pid)}
         for pid in [slurmd, *stepds, *tasks]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for path in memory:  # a lost machine's memory is gone with it; this host's would stay
+            Path(path).unlink(missing_ok=True)
 
     def bring_back(self, name: str) -> None:
         """Start a lost node's slurmd again and wait until Slurm schedules on it."""
@@ -151,6 +154,21 @@ class SlurmCluster:
                     os.kill(pid, signal.SIGKILL)
                     break
                 time.sleep(0.1)
+
+
+def shared_memory_of(pid: int) -> set[str]:
+    """The files under /dev/shm that a process has mapped or open."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if " /dev/shm/" in line:
+                found.add(line[line.index("/dev/shm/") :].removesuffix(" (deleted)"))
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(fd)).startswith("/dev/shm/"):
+                    found.add(target.removesuffix(" (deleted)"))
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -314,6 +314,7 @@ def test_losing_a_node_continues_on_the_other_two_from_the_rebuilt_snapshot(slur
     settings = ("train.steps=30", "train.global_batch_tokens=768", "train.eval_interval=0")  # 12 sequences
     run_settings = (*settings, "checkpoint.interval=0", "parallel.distributed_optimizer=true")
     config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, *run_settings)
+    before = set(os.listdir("/dev/shm"))
     job = submit(slurm, config, tmp_path, "--nodes=3", "--ntasks-per-node=1")
     try:
         wait_for_step(slurm, tmp_path, 6)
@@ -324,6 +325,8 @@ def test_losing_a_node_continues_on_the_other_two_from_the_rebuilt_snapshot(slur
     out = slurm_out(tmp_path)
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "0", f"{final}\n{out[-4000:]}"
     assert "node(s) [2] lost" in out and "continuing on 2 node(s)" in out, out[-3000:]
+    # Both daemon groups freed their segments, the lost node's share rebuilt on n1 included.
+    assert not [name for name in set(os.listdir("/dev/shm")) - before if name.startswith(f"stalwart-slurm-{job}-")]
     restored = events(tmp_path / "run")
     assert len(restored) == 1, restored
     assert restored[0]["source"] == "memory" and restored[0]["layout"] == "tp1 pp1 dp3 +distopt", restored
