@@ -30,7 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.supervise import ServingDaemons, already_finished, data_parallel_override, rebuild_lost, supervise
+from launcher.supervise import (
+    FORWARDED,
+    ServingDaemons,
+    already_finished,
+    data_parallel_override,
+    rebuild_lost,
+    supervise,
+)
 from trainer.errors import EXIT_OK, EXIT_REQUEUE
 
 
@@ -336,6 +343,10 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
     from launcher.local import prepare_missing_dataset, trainer_args
     from trainer.config import load_config
 
+    # From the start: the time limit's warning may come while the daemons start.
+    signals: list[int] = []
+    for signum in FORWARDED:
+        signal.signal(signum, lambda signum, frame: signals.append(signum))
     alloc = Allocation.from_env()
     nproc = len(alloc.nodes) * alloc.ranks_per_node
     config = load_config(config_path, overrides)
@@ -361,7 +372,6 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
         nodes = daemons.node_indices if daemons else every
         return SrunRanks(alloc, nodes, trainer_args(config_path, overrides), env, next(restarts), daemons)
 
-    signals: list[int] = []
     code = supervise(config, overrides, nproc, daemons, start, signals)
     if should_requeue(code, signals):
         requeue(alloc.job_id)
@@ -376,15 +386,14 @@ def should_requeue(code: int, signals: list[int]) -> bool:
 
 
 def requeue(job_id: int) -> None:
-    """Put this job back in the queue, eligible at once: a plain requeue leaves it waiting about
-    two minutes. Slurm then ends this batch shell; it ignores SIGTERM meanwhile, to see the
-    eligibility through."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Put this job back in the queue; Slurm then ends this batch shell. The requeued job is
+    eligible again once the cluster's job credentials have expired (AuthInfo cred_expire,
+    120 s by default): Slurm sets that begin time when the job has ended, after this shell,
+    so nothing inside the job can bring it forward."""
     print(f"stalwart: requeueing job {job_id} to continue from its newest checkpoint", flush=True)
-    for command in (["requeue", str(job_id)], ["update", f"JobId={job_id}", "StartTime=now"]):
-        done = subprocess.run(["scontrol", *command], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            print(f"stalwart: scontrol {' '.join(command)} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
+    done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        print(f"stalwart: scontrol requeue {job_id} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
 
 
 def run_daemon(args: argparse.Namespace) -> int:

@@ -63,6 +63,8 @@ def slurm_conf(root: Path, controller_port: int, node_ports: list[int], cpus: in
         "JobRequeue=1",
         "KillWait=5",
         "SlurmdTimeout=20",
+        # A requeued job may start again once its credentials expire (120 s by default).
+        "AuthInfo=cred_expire=10",
     ]
     for name, port in zip(NODES, node_ports, strict=True):
         lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus}")

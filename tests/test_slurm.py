@@ -162,49 +162,51 @@ def newest_step(metrics) -> int:
     return max((r["step"] for r in read_metrics(metrics)), default=0) if metrics.is_file() else 0
 
 
-def test_usr1_before_the_time_limit_saves_requeues_and_the_job_resumes_bit_exactly(
-    slurm, tmp_path, small_dataset, uninterrupted
+def test_the_time_limit_warning_saves_and_requeues_the_job_which_resumes_bit_exactly_and_scancel_never_requeues(
+    slurm, tmp_path, small_dataset
 ):
-    """The time limit's warning (`--signal=B:USR1@N` signals the batch shell; sent here with
-    `scancel --signal=USR1 --batch`) stops every rank at a step boundary with a checkpoint;
-    the job requeues itself, eligible at once, and the requeued job resumes from that
-    checkpoint and finishes with the losses of an uninterrupted run."""
-    config = write_tiny_config(
-        tmp_path / "run.yaml", tmp_path / "run", small_dataset, *STEPS, "checkpoint.interval=100"
-    )
-    submitted = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=2", wait=False)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    """A real time limit: `--time=2 --signal=B:USR1@100` makes Slurm send USR1 to the batch
+    shell 20-50 s into the job. Every rank stops at a step boundary with a checkpoint, the job
+    requeues itself, eligible at once, and the requeued job resumes from that checkpoint; its
+    losses continue those of an uninterrupted run bit for bit. Then `scancel`: the job ends
+    cancelled, and is not requeued again. (A constant learning rate, so that the uninterrupted
+    run need only be as long as the job got.)"""
+    settings = ("train.eval_interval=0", "checkpoint.interval=0", "optim.schedule=constant")
+    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=100000", *settings)
+    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--time=2", "--signal=B:USR1@100")
     deadline = time.monotonic() + 300
-    while newest_step(metrics) < 4:
-        assert time.monotonic() < deadline, (tmp_path / "slurm.out").read_text()[-3000:] + slurm.logs()
+    while not (resumed := re.search(r"restored step (\d+) from disk", slurm_out(tmp_path))):
+        assert time.monotonic() < deadline, f"{job_fields(slurm, job)}\n{slurm_out(tmp_path)[-3000:]}{slurm.logs()}"
         time.sleep(0.2)
-    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, capture_output=True)
-    assert signalled.returncode == 0, signalled.stderr
-    final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
-    out = (tmp_path / "slurm.out").read_text()
-    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", f"{final}\n{out[-4000:]}"
-    assert f"stalwart: requeueing job {job}" in out
-    stopped_at = int(re.search(r"restored step (\d+) from disk", out).group(1))
-    assert 4 <= stopped_at < 24
-    assert losses(tmp_path / "run") == uninterrupted
-
-
-def test_a_cancelled_job_is_not_requeued(slurm, tmp_path, small_dataset):
-    """`scancel` sends SIGTERM: the ranks save and stop, and the job ends cancelled, not requeued."""
-    config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=400")
-    submitted = sbatch(slurm, [config], tmp_path, "--nodes=2", "--ntasks-per-node=1", wait=False)
-    job = submitted.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 300
-    while newest_step(tmp_path / "run" / "metrics.jsonl") < 2:
-        assert time.monotonic() < deadline, (tmp_path / "slurm.out").read_text()[-3000:] + slurm.logs()
-        time.sleep(0.2)
+    stopped_at = int(resumed.group(1))
+    wait_for_step(slurm, tmp_path, stopped_at + 5)
     assert subprocess.run(["scancel", job], env=slurm.env).returncode == 0
     final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
-    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "0", final
-    out = (tmp_path / "slurm.out").read_text()
-    assert "stalwart: requeueing" not in out and "restarting the ranks" not in out, out[-3000:]
+    out = slurm_out(tmp_path)
+    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "1", f"{final}\n{out[-4000:]}"
+    assert out.count(f"stalwart: requeueing job {job}") == 1, out[-4000:]
+    assert f"stopped after step {stopped_at} on a signal; checkpoint committed" in out
+    got = losses(tmp_path / "run")
+    reached = max(got)
+
+    steps = f"train.steps={reached}"
+    reference = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", small_dataset, steps, *settings)
+    code, _, err = start_stalwart_run(reference, "parallel.dp=2", nodes=2, ranks=2).finish(600)
+    assert code == 0, err[-3000:]
+    assert got == losses(tmp_path / "ref")
+
+
+def test_a_stop_signal_before_the_ranks_start_ends_the_job_without_starting_them():
+    """USR1 may come while the daemons start (a short --time): no ranks start, and the job asks
+    to be requeued, to continue from its newest checkpoint."""
+    import signal
+
+    from launcher.supervise import supervise
+    from trainer.config import Config
+
+    started = []
+    code = supervise(Config(), [], 2, None, lambda *args: started.append(args), [signal.SIGUSR1])
+    assert code == 75 and started == []
 
 
 def test_only_the_time_limit_warning_requeues():
