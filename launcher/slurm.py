@@ -238,9 +238,9 @@ class SlurmDaemons(ServingDaemons):
 
 
 def release_nodes(alloc: Allocation, lost: list[int], keep: list[int]) -> None:
-    """Give the lost nodes back: the job shrinks to `keep` at once. Slurm itself notices a dead
-    node only after SlurmdTimeout (minutes on most clusters), and until then the step that ran
-    there holds its CPUs on the survivors too, so that no new step can start on them."""
+    """Give the lost nodes back: the job shrinks to `keep` at once, rather than holding nodes it
+    no longer uses until Slurm itself notices they are dead (after SlurmdTimeout, minutes on
+    most clusters), and the site's health checks can take them over."""
     names = ",".join(alloc.nodes[n] for n in keep)
     print(f"stalwart: releasing node(s) {', '.join(alloc.nodes[n] for n in lost)} from job {alloc.job_id}", flush=True)
     try:  # in a directory of its own: a resize leaves scripts that update a shell's SLURM_* there
