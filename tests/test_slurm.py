@@ -165,15 +165,15 @@ def newest_step(metrics) -> int:
 def test_the_time_limit_warning_saves_and_requeues_the_job_which_resumes_bit_exactly_and_scancel_never_requeues(
     slurm, tmp_path, small_dataset
 ):
-    """A real time limit: `--time=2 --signal=B:USR1@100` makes Slurm send USR1 to the batch
-    shell 20-50 s into the job. Every rank stops at a step boundary with a checkpoint, the job
+    """A real time limit: `--time=2 --signal=B:USR1@80` makes Slurm send USR1 to the batch
+    shell 40-70 s into the job. Every rank stops at a step boundary with a checkpoint, the job
     requeues itself, eligible at once, and the requeued job resumes from that checkpoint; its
     losses continue those of an uninterrupted run bit for bit. Then `scancel`: the job ends
     cancelled, and is not requeued again. (A constant learning rate, so that the uninterrupted
     run need only be as long as the job got.)"""
     settings = ("train.eval_interval=0", "checkpoint.interval=0", "optim.schedule=constant")
     config = write_tiny_config(tmp_path / "run.yaml", tmp_path / "run", small_dataset, "train.steps=100000", *settings)
-    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--time=2", "--signal=B:USR1@100")
+    job = submit(slurm, config, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--time=2", "--signal=B:USR1@80")
     deadline = time.monotonic() + 300
     while not (resumed := re.search(r"restored step (\d+) from disk", slurm_out(tmp_path))):
         assert time.monotonic() < deadline, f"{job_fields(slurm, job)}\n{slurm_out(tmp_path)[-3000:]}{slurm.logs()}"
