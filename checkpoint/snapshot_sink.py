@@ -66,10 +66,10 @@ class SegmentSink:
         self.client.deliver_table(self.step, self.rank, self.table)
 
 
-def snapshot_extra(state: RankState, plan: list[PlannedPiece], rng: bytes) -> dict[str, bytes]:
-    """The small buffers of a snapshot: what places each piece, the run's state, the RNG streams."""
-    meta = {
-        "run_state": state.run.state_dict(),
+def snapshot_placement(state: RankState, plan: list[PlannedPiece]) -> bytes:
+    """What places each piece of a snapshot, as JSON: the same at every step once the optimizer
+    has its states, so a snapshotter encodes it once rather than per step."""
+    placement = {
         "layout": state.layout(),
         "rank": state.dims.rank,
         "tp_rank": state.dims.tp_rank,
@@ -81,7 +81,14 @@ def snapshot_extra(state: RankState, plan: list[PlannedPiece], rng: bytes) -> di
         "writes": state.names_this_rank_writes(),
         "creates": [(name, layout.to_attrs()) for name, layout in state.arrays_this_rank_creates()],
     }
-    return {META: json.dumps(meta).encode(), RNG: rng}
+    return json.dumps(placement).encode()
+
+
+def snapshot_extra(state: RankState, placement: bytes, rng: bytes) -> dict[str, bytes]:
+    """The small buffers of a snapshot: meta.json (the run's state and the placement, one JSON
+    object) and the RNG streams."""
+    run_state = json.dumps({"run_state": state.run.state_dict()}).encode()
+    return {META: run_state[:-1] + b", " + placement[1:], RNG: rng}
 
 
 class SegmentReader:

@@ -21,8 +21,8 @@ from checkpoint.engine import BlockedTime, StagingThread
 from checkpoint.manager import Checkpointer
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import SnapshotClient
-from checkpoint.snapshot_sink import GroupReader, SegmentReader, SegmentSink, snapshot_extra
-from checkpoint.state import RankState, rng_state
+from checkpoint.snapshot_sink import GroupReader, SegmentReader, SegmentSink, snapshot_extra, snapshot_placement
+from checkpoint.state import PlannedPiece, RankState, optimizer_state_keys, rng_state
 from checkpoint.universal import CheckpointError, step_dir_name
 from parallel.errors import Retryable, on_all_ranks
 
@@ -96,6 +96,7 @@ class Snapshotter:
         # delivered, so the copy should finish early in the next step, not at its end.
         self.staging = StagingThread("stalwart-snapshot-stage", niceness=0)
         self.blocked = BlockedTime()
+        self._placed: tuple[tuple[str, ...], list[PlannedPiece], bytes] | None = None
 
     # -- taking snapshots ------------------------------------------------------------------
 
@@ -109,12 +110,21 @@ class Snapshotter:
         with self.blocked:
             on_all_ranks(self._check, (SnapshotFailed, CheckpointError))
             step = self.state.run.step
-            plan = self.state.own_piece_plan()
-            extra = snapshot_extra(self.state, plan, rng_state())
+            plan, placement = self._placement()
+            extra = snapshot_extra(self.state, placement, rng_state())
             sink = SegmentSink(self.client, plan, step, self.dims.rank, extra)
             self.staging.start(sink, self.state.own_pieces)
             if self.committer is not None:
                 self._submit(step, checkpoint, final)
+
+    def _placement(self) -> tuple[list[PlannedPiece], bytes]:
+        """The pieces a snapshot holds and the JSON that places them, worked out again only when
+        the optimizer's states change (they appear at its first step)."""
+        keys = tuple(optimizer_state_keys(self.state.optimizer))
+        if self._placed is None or self._placed[0] != keys:
+            plan = self.state.own_piece_plan()
+            self._placed = (keys, plan, snapshot_placement(self.state, plan))
+        return self._placed[1], self._placed[2]
 
     def _submit(self, step: int, checkpoint: bool, final: bool) -> None:
         """Rank 0: the step to the committer, with the checkpoint order when one is due."""

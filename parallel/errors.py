@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -43,6 +44,10 @@ def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...
         result, error = step(), None
     except expected as e:
         result, error = None, (f"{e}", isinstance(e, Retryable))
+    # One small all-reduce says whether any rank failed; the messages are gathered (pickled,
+    # two collectives) only then. Snapshots run this every step.
+    if not any_rank(error is not None, group):
+        return result
     errors: list[tuple[str, bool] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, error, group=group)
     failed = [(rank, error) for rank, error in enumerate(errors) if error]
@@ -52,3 +57,12 @@ def on_all_ranks(step: Callable[[], T], expected: tuple[type[BaseException], ...
         retryable = all(retry for _, (_, retry) in failed)
         raise RankFailed(f"{message} [rank {rank}{others}]", group, retryable)
     return result
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether `flag` is set on any rank of `group`: one small all-reduce (NCCL reduces only
+    tensors on the GPU)."""
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(group) == "nccl" else "cpu"
+    flags = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return bool(flags.item())

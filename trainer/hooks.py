@@ -12,10 +12,8 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from checkpoint.manager import Checkpointer
+from parallel.errors import any_rank
 from trainer.metrics import MetricsLog, Progress, plot_losses, run_summary
 
 
@@ -147,11 +145,9 @@ class StopRequest:
     def _note(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """Whether any rank received a stop signal (one small all-reduce, every step)."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

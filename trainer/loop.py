@@ -200,7 +200,7 @@ class Trainer:
         try:
             while self.step < self.config.train.steps and not stopping:
                 record = self._train_one_step(lambda: [h.before_update() for h in hooks])
-                stopping = stop.agreed(self.dims.device)
+                stopping = stop.agreed()
                 for hook in hooks:
                     hook.after_step(self.step, record, stopping)
             for hook in hooks:
