@@ -260,7 +260,7 @@ def main() -> None:
         return
     from tqdm import tqdm
 
-    from trainer.data import prepare_dataset, stdlib_source_dir
+    from trainer.prepare import prepare_dataset, stdlib_source_dir
 
     steps = 40 if args.quick else 60
     pairs = args.pairs or (2 if args.quick else 4)

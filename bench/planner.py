@@ -89,7 +89,7 @@ def run_row(
 
 def demo_corpus_lengths() -> np.ndarray:
     """Document lengths of the Python standard library, tokenised as `stalwart data prepare stdlib` does."""
-    from trainer.data import prepare_dataset, stdlib_source_dir
+    from trainer.prepare import prepare_dataset, stdlib_source_dir
 
     prefix = Path(tempfile.gettempdir()) / "stalwart-bench" / "stdlib"
     if not Path(f"{prefix}-meta.json").is_file():

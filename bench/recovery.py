@@ -252,7 +252,7 @@ def main() -> None:
     args = parser.parse_args()
     from tqdm import tqdm
 
-    from trainer.data import prepare_dataset, stdlib_source_dir
+    from trainer.prepare import prepare_dataset, stdlib_source_dir
 
     steps, rounds = (30, 2) if args.quick else (40, 5)
     with tempfile.TemporaryDirectory(prefix="stalwart-recovery-") as name, tqdm(total=6, desc="recovery bench") as bar:

@@ -208,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     from tqdm import tqdm
 
-    from trainer.data import prepare_dataset, stdlib_source_dir
+    from trainer.prepare import prepare_dataset, stdlib_source_dir
 
     rounds = 1 if args.quick else args.rounds
     with tempfile.TemporaryDirectory(prefix="stalwart-slurm-bench-") as name:

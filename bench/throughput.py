@@ -32,8 +32,8 @@ from launcher.cli import quiet_megatron_fallback_warnings  # noqa: E402
 
 quiet_megatron_fallback_warnings()
 from trainer.config import load_config  # noqa: E402
-from trainer.data import prepare_dataset, stdlib_source_dir  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
+from trainer.prepare import prepare_dataset, stdlib_source_dir  # noqa: E402
 
 CORES = os.cpu_count() or 1
 # name -> (ranks, overrides). TP1 runs as one rank using every core.

@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from trainer.data import prepare_dataset
+    from trainer.prepare import prepare_dataset
 
     info = prepare_dataset(
         args.sources,

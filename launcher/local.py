@@ -35,7 +35,7 @@ def prepare_missing_dataset(config: Config) -> None:
         )
     Path(config.data.path).parent.mkdir(parents=True, exist_ok=True)
     print(f"stalwart: preparing dataset {config.data.path} from {', '.join(config.data.sources)}", flush=True)
-    from trainer.data import prepare_dataset
+    from trainer.prepare import prepare_dataset
 
     prepare_dataset(
         config.data.sources,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.data import prepare_dataset, stdlib_source_dir
 from trainer.metrics import read_metrics
+from trainer.prepare import prepare_dataset, stdlib_source_dir
 from trainer.schema import apply_override
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,17 +11,19 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from trainer.data import (
-    EOD_TOKEN,
-    DataError,
     GlobalBatchSampler,
     TokenWindows,
-    assign_valid_documents,
     check_tokenizer_matches,
-    iter_documents,
     load_tokenizer,
-    prepare_dataset,
     read_dataset_info,
     shard_for_rank,
+)
+from trainer.errors import DataError
+from trainer.prepare import (
+    EOD_TOKEN,
+    assign_valid_documents,
+    iter_documents,
+    prepare_dataset,
     stdlib_source_dir,
     train_tokenizer,
 )

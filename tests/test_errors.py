@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from tests.conftest import REPO, rank_env, run_command, torchrun
-from trainer.data import train_tokenizer
+from trainer.prepare import train_tokenizer
 
 
 def stalwart(*args, timeout=120):

@@ -27,7 +27,8 @@ from parallel.workloads import (
     wikipedia_quantile,
     workload_lengths,
 )
-from trainer.data import DataError, read_dataset_info
+from trainer.data import read_dataset_info
+from trainer.errors import DataError
 
 
 @pytest.fixture(scope="module")
