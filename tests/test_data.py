@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from trainer.data import (
+    DocumentSamples,
     GlobalBatchSampler,
     TokenWindows,
     check_tokenizer_matches,
@@ -274,6 +276,39 @@ def test_too_short_split_is_refused(prepared):
     assert len(TokenWindows(prepared["prefix"], "valid", seq_length=num_tokens - 1)) == 1
 
 
+def test_document_samples_are_whole_documents_or_pieces_that_never_reach_the_next_one(prepared):
+    max_seq_length = 24
+    samples = DocumentSamples(prepared["prefix"], "train", max_seq_length)
+    dataset = IndexedDataset(prepared["prefix"] + "-train", mmap=True)
+    documents = [dataset[i].astype(np.int64) for i in range(len(dataset))]
+    del dataset
+    # Every document with a token to predict, cut into pieces of at most max_seq_length predictions
+    # that overlap by the one token that is the label of one piece and the input of the next.
+    expected = []
+    for doc in documents:
+        for start in range(0, len(doc) - 1, max_seq_length):
+            expected.append(doc[start : start + max_seq_length + 1])
+    assert any(len(doc) - 1 > max_seq_length for doc in documents)  # some documents are cut
+    assert len(samples) == len(expected)
+    for i, want in enumerate(expected):
+        assert np.array_equal(samples[i], want)
+        assert samples.predictions[i] == len(want) - 1 <= max_seq_length
+    assert int(samples.predictions.sum()) == sum(len(doc) - 1 for doc in documents)
+    with pytest.raises(IndexError):
+        samples[len(samples)]
+
+
+def test_a_split_without_a_document_to_predict_is_refused(tmp_path):
+    # Our preparation never writes such a split; a dataset from another tool may hold one.
+    builder = IndexedDatasetBuilder(str(tmp_path / "lone-train.bin"), dtype=np.uint16)
+    for _ in range(3):
+        builder.add_item(torch.tensor([0]))  # an end-of-document token alone
+        builder.end_document()
+    builder.finalize(str(tmp_path / "lone-train.idx"))
+    with pytest.raises(DataError, match="has no document of two or more tokens"):
+        DocumentSamples(tmp_path / "lone", "train", 16)
+
+
 # --- sampler ---------------------------------------------------------------------------
 
 
@@ -282,9 +317,9 @@ def consume(sampler: GlobalBatchSampler, steps: int) -> list[np.ndarray]:
 
 
 def test_sampler_is_deterministic_and_each_epoch_is_a_permutation():
-    batches = consume(GlobalBatchSampler(num_samples=30, global_batch_size=4, seed=1), 30)
-    again = consume(GlobalBatchSampler(num_samples=30, global_batch_size=4, seed=1), 30)
-    other_seed = consume(GlobalBatchSampler(num_samples=30, global_batch_size=4, seed=2), 30)
+    batches = consume(GlobalBatchSampler(num_samples=30, budget=4, seed=1), 30)
+    again = consume(GlobalBatchSampler(num_samples=30, budget=4, seed=1), 30)
+    other_seed = consume(GlobalBatchSampler(num_samples=30, budget=4, seed=2), 30)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other_seed, strict=True))
     order = np.concatenate(batches)  # 120 samples = 4 epochs, batches straddle epoch ends
@@ -294,11 +329,11 @@ def test_sampler_is_deterministic_and_each_epoch_is_a_permutation():
 
 
 def test_sampler_state_round_trip_continues_identically():
-    reference = GlobalBatchSampler(num_samples=50, global_batch_size=8, seed=5)
+    reference = GlobalBatchSampler(num_samples=50, budget=8, seed=5)
     consume(reference, 3)
     state = reference.state_dict()
     assert state == {"consumed_samples": 24, "seed": 5, "num_samples": 50}
-    resumed = GlobalBatchSampler(num_samples=50, global_batch_size=8, seed=5)
+    resumed = GlobalBatchSampler(num_samples=50, budget=8, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     from_constructor = GlobalBatchSampler(50, 8, seed=5, consumed_samples=24)
     for expected in consume(reference, 10):
@@ -331,3 +366,29 @@ def test_shard_for_rank_refuses_uneven_batches_and_bad_ranks():
         shard_for_rank(np.arange(6), dp_rank=0, dp_size=4)
     with pytest.raises(ValueError, match="dp_rank"):
         shard_for_rank(np.arange(8), dp_rank=4, dp_size=4)
+
+
+def test_a_global_batch_of_documents_is_the_next_documents_that_fit_the_token_budget():
+    costs = np.array([5, 1, 7, 3, 30, 2, 2, 9])
+    sampler = GlobalBatchSampler(len(costs), budget=10, seed=3, costs=costs)
+    order = GlobalBatchSampler(len(costs), budget=len(costs), seed=3).next_global_batch()
+    batches = consume(sampler, 6)
+    flat = np.concatenate(batches)
+    assert np.array_equal(flat[: len(costs)], order)  # the epoch's order, cut into batches
+    taken = 0
+    for batch in batches:
+        taken += len(batch)
+        following = costs[flat[taken]] if taken < len(flat) else None
+        if len(batch) > 1 or costs[batch].sum() <= 10:  # a document over the budget is a batch alone
+            assert costs[batch].sum() <= 10
+            # The batch stops only where the next document would not fit.
+            assert following is None or costs[batch].sum() + following > 10
+    resumed = GlobalBatchSampler(len(costs), budget=10, seed=3, costs=costs, consumed_samples=len(batches[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(consume(resumed, 5), batches[1:], strict=True))
+
+
+def test_costs_must_be_given_for_every_sample_and_be_positive():
+    with pytest.raises(DataError, match="costs must be >= 1 for each of the 3 samples"):
+        GlobalBatchSampler(3, budget=10, seed=0, costs=np.array([1, 2]))
+    with pytest.raises(DataError, match="costs must be >= 1"):
+        GlobalBatchSampler(3, budget=10, seed=0, costs=np.array([1, 0, 2]))

@@ -119,41 +119,24 @@ def check_tokenizer_matches(info: DatasetInfo, tokenizer_path: Path) -> None:
 # Samples and batches
 
 
-class TokenWindows:
-    """Fixed-length training samples cut from one split's token stream.
+def open_split(prefix: str | Path, split: str) -> IndexedDataset:
+    """One split of a prepared dataset, memory-mapped: one sequence per document."""
+    split_prefix = f"{prefix}-{split}"
+    for suffix in (".bin", ".idx"):
+        if not Path(split_prefix + suffix).is_file():
+            raise DataError(f"dataset file {split_prefix + suffix!r} does not exist")
+    return IndexedDataset(split_prefix, mmap=True)
 
-    Documents are packed back to back (each already ends with EOD), so windows cross
-    document boundaries and no token is wasted on padding. Sample i is
-    ``tokens[i * seq_length : i * seq_length + seq_length + 1]``: the model reads the
-    first ``seq_length`` tokens and predicts the last ``seq_length``.
-    """
 
-    def __init__(self, prefix: str | Path, split: str, seq_length: int):
-        if seq_length < 1:
-            raise DataError(f"seq_length must be positive, got {seq_length}")
-        split_prefix = f"{prefix}-{split}"
-        for suffix in (".bin", ".idx"):
-            if not Path(split_prefix + suffix).is_file():
-                raise DataError(f"dataset file {split_prefix + suffix!r} does not exist")
-        self._dataset = IndexedDataset(split_prefix, mmap=True)
+class _TokenStream:
+    """A split's documents back to back, as one memory-mapped stream of token ids."""
+
+    def __init__(self, prefix: str | Path, split: str):
+        self._dataset = open_split(prefix, split)
         self._dtype = self._dataset.index.dtype
         self._itemsize = np.dtype(self._dtype).itemsize
         self.num_tokens = int(self._dataset.sequence_lengths.sum(dtype=np.int64))
-        self.seq_length = seq_length
-        self._num_windows = (self.num_tokens - 1) // seq_length if self.num_tokens else 0
-        if self._num_windows == 0:
-            raise DataError(
-                f"split {split_prefix!r} has {self.num_tokens} tokens, fewer than "
-                f"seq_length+1 = {seq_length + 1}: use more data or a shorter seq_length"
-            )
-
-    def __len__(self) -> int:
-        return self._num_windows
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < self._num_windows:
-            raise IndexError(f"window {i} out of range for {self._num_windows} windows")
-        return self._read_tokens(int(i) * self.seq_length, self.seq_length + 1).astype(np.int64)
+        self.name = f"{prefix}-{split}"
 
     def max_token_id(self) -> int:
         """Largest token id in the split, read in chunks so memory stays small."""
@@ -168,39 +151,122 @@ class TokenWindows:
         return self._dataset.bin_reader.read(dtype=self._dtype, count=count, offset=start * self._itemsize)
 
 
+class TokenWindows(_TokenStream):
+    """Fixed-length training samples cut from one split's token stream (`data.packing: concat`).
+
+    Documents are packed back to back (each already ends with EOD), so windows cross
+    document boundaries and no token is wasted on padding. Sample i is
+    ``tokens[i * seq_length : i * seq_length + seq_length + 1]``: the model reads the
+    first ``seq_length`` tokens and predicts the last ``seq_length``.
+    """
+
+    def __init__(self, prefix: str | Path, split: str, seq_length: int):
+        if seq_length < 1:
+            raise DataError(f"seq_length must be positive, got {seq_length}")
+        super().__init__(prefix, split)
+        self.seq_length = seq_length
+        self._num_windows = (self.num_tokens - 1) // seq_length if self.num_tokens else 0
+        if self._num_windows == 0:
+            raise DataError(
+                f"split {self.name!r} has {self.num_tokens} tokens, fewer than "
+                f"seq_length+1 = {seq_length + 1}: use more data or a shorter seq_length"
+            )
+
+    def __len__(self) -> int:
+        return self._num_windows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self._num_windows:
+            raise IndexError(f"window {i} out of range for {self._num_windows} windows")
+        return self._read_tokens(int(i) * self.seq_length, self.seq_length + 1).astype(np.int64)
+
+
+class DocumentSamples(_TokenStream):
+    """One split's documents as training samples (`data.packing: documents`).
+
+    Each document is one sample, or, when it has more than `max_seq_length` tokens to
+    predict, pieces of that many (the last one shorter). A sample's tokens are its inputs
+    and the label after the last one, all from its own document; `predictions[i]` is how
+    many tokens sample i trains on. A document with nothing to predict (its end-of-document
+    token alone) is no sample.
+    """
+
+    def __init__(self, prefix: str | Path, split: str, max_seq_length: int):
+        if max_seq_length < 1:
+            raise DataError(f"max_seq_length must be positive, got {max_seq_length}")
+        super().__init__(prefix, split)
+        lengths = self._dataset.sequence_lengths.astype(np.int64)
+        first_token = self._dataset.index.sequence_pointers.astype(np.int64) // self._itemsize
+        to_predict = lengths - 1
+        pieces = -(-to_predict // max_seq_length)  # 0 for a document of one token
+        document = np.repeat(np.arange(len(lengths)), pieces)
+        piece = np.arange(len(document)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        self.starts = first_token[document] + piece * max_seq_length
+        self.predictions = np.minimum(max_seq_length, to_predict[document] - piece * max_seq_length)
+        if len(self.predictions) == 0:
+            raise DataError(f"split {self.name!r} has no document of two or more tokens")
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        return self._read_tokens(int(self.starts[i]), int(self.predictions[i]) + 1).astype(np.int64)
+
+
 class GlobalBatchSampler:
     """Deterministic order of samples; its whole state is the number of samples consumed.
 
     Global sample g is position ``g % num_samples`` of epoch ``g // num_samples``, each
-    epoch a fresh permutation seeded from (seed, epoch). The global batch at a step is
-    the next ``global_batch_size`` samples whatever the data-parallel size.
+    epoch a fresh permutation seeded from (seed, epoch). The global batch at a step is the
+    next samples whose costs add up to at most `budget` (at least one sample), whatever the
+    data-parallel size. Without `costs` every sample costs 1: a batch is `budget` samples;
+    with documents, a sample costs the tokens it trains on and `budget` is the batch's tokens.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int, consumed_samples: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        budget: int,
+        seed: int,
+        consumed_samples: int = 0,
+        costs: np.ndarray | None = None,
+    ):
         if num_samples < 1:
             raise DataError(f"num_samples must be positive, got {num_samples}")
-        if global_batch_size < 1:
-            raise DataError(f"global_batch_size must be positive, got {global_batch_size}")
+        if budget < 1:
+            raise DataError(f"the global batch's budget must be positive, got {budget}")
         if consumed_samples < 0:
             raise DataError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if costs is not None and (len(costs) != num_samples or costs.min() < 1):
+            raise DataError(f"costs must be >= 1 for each of the {num_samples} samples")
         self.num_samples = num_samples
-        self.global_batch_size = global_batch_size
+        self.budget = budget
         self.seed = seed
         self.consumed_samples = consumed_samples
+        self.costs = costs
         self._cached_epoch, self._cached_permutation = -1, np.empty(0, dtype=np.int64)
 
     def next_global_batch(self) -> np.ndarray:
         """Sample indices of the next global batch; advances the state."""
-        global_positions = np.arange(
-            self.consumed_samples, self.consumed_samples + self.global_batch_size, dtype=np.int64
-        )
+        # Every sample costs at least 1, so no batch holds more than `budget` samples.
+        candidates = self._samples_at(np.arange(self.consumed_samples, self.consumed_samples + self.budget))
+        if self.costs is None:
+            batch = candidates
+        else:
+            spent = np.cumsum(self.costs[candidates])
+            batch = candidates[: max(1, int(np.searchsorted(spent, self.budget, side="right")))]
+        self.consumed_samples += len(batch)
+        return batch
+
+    def _samples_at(self, global_positions: np.ndarray) -> np.ndarray:
         epochs, positions = np.divmod(global_positions, self.num_samples)
-        batch = np.empty(self.global_batch_size, dtype=np.int64)
+        samples = np.empty(len(global_positions), dtype=np.int64)
         for epoch in np.unique(epochs):
             in_epoch = epochs == epoch
-            batch[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
-        self.consumed_samples += self.global_batch_size
-        return batch
+            samples[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
+        return samples
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
