@@ -86,6 +86,22 @@ def tiny_config(tmp_path, small_dataset) -> Path:
     return write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run", small_dataset)
 
 
+@pytest.fixture
+def single_rank(tmp_path):
+    """A real one-rank gloo process group in this process, torn down afterwards."""
+    import torch.distributed as dist
+
+    from parallel import cpu_compat
+    from parallel.config import ParallelConfig
+    from parallel.dims import build_parallel_dims, destroy_parallel_dims
+
+    cpu_compat.install()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield build_parallel_dims(ParallelConfig(), seed=1)
+    destroy_parallel_dims()
+    dist.destroy_process_group()
+
+
 def rank_env(nproc: int) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))

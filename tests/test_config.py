@@ -72,6 +72,13 @@ def test_load_errors_name_the_key(tmp_path, text, overrides, key, words):
         (["model.num_query_groups=3"], 1, "model.num_query_groups", ["must divide"]),
         (["optim.min_lr=1.0"], 1, "optim.min_lr", ["optim.lr"]),
         (["train.steps=0"], 1, "train.steps", [">= 1"]),
+        (
+            ["data.packing=documents", "train.seq_length=64", "train.micro_batch_size=2", "train.max_seq_length=200"],
+            1,
+            "train.max_seq_length",
+            ["[1, 128]", "got 200"],
+        ),
+        (["data.packing=documents", "model.spec=te"], 1, "model.spec", ["local layers"]),
     ],
 )
 def test_validation_errors_name_the_key(tmp_path, overrides, world, key, words):

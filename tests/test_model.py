@@ -2,24 +2,10 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from parallel import cpu_compat
-from parallel.config import ParallelConfig
-from parallel.dims import build_parallel_dims, destroy_parallel_dims
 from trainer.config import Config, ModelConfig
 from trainer.metrics import model_flops_per_token
 from trainer.model import build_model_chunks, padded_vocab_size
-
-
-@pytest.fixture
-def single_rank(tmp_path):
-    """A real one-rank gloo process group in this process, torn down afterwards."""
-    cpu_compat.install()
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    yield build_parallel_dims(ParallelConfig(), seed=1)
-    destroy_parallel_dims()
-    dist.destroy_process_group()
 
 
 def test_padded_vocab_does_not_depend_on_tp():

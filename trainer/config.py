@@ -83,15 +83,39 @@ class TrainConfig:
     log_interval: int = 1
     """Write metrics every this many steps."""
 
+    max_seq_length: int | None = None
+    """With data.packing: documents, the most tokens one sample trains on (a longer document is
+    cut into pieces of this many); None: as many as a micro-batch holds."""
+
     @property
     def global_batch_size(self) -> int:
-        """Sequences per optimizer step."""
+        """Sequences per optimizer step (data.packing: concat)."""
         return self.global_batch_tokens // self.seq_length
 
-    def validate(self, dp: int) -> None:
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Tokens a micro-batch holds: with packed documents, its one row of whole documents."""
+        return self.seq_length * self.micro_batch_size
+
+    @property
+    def longest_sample(self) -> int:
+        return self.max_seq_length or self.micro_batch_tokens
+
+    def validate(self, dp: int, documents: bool = False) -> None:
         for key in ("steps", "seq_length", "global_batch_tokens", "micro_batch_size", "log_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.eval_interval < 0 or self.eval_batches < 1:
+            raise ConfigError("train.eval_interval", "must be >= 0 with train.eval_batches >= 1")
+        if documents:
+            # A global batch is whole documents up to global_batch_tokens: nothing need divide.
+            if not 1 <= self.longest_sample <= self.micro_batch_tokens:
+                raise ConfigError(
+                    "train.max_seq_length",
+                    f"must be in [1, {self.micro_batch_tokens}] (train.seq_length x train.micro_batch_size, "
+                    f"the tokens of a micro-batch), got {self.max_seq_length}",
+                )
+            return
         if self.global_batch_tokens % self.seq_length:
             raise ConfigError(
                 "train.global_batch_tokens",
@@ -103,8 +127,6 @@ class TrainConfig:
                 f"{self.global_batch_size} sequences per step do not split into micro-batches of "
                 f"{self.micro_batch_size} over {dp} data-parallel ranks",
             )
-        if self.eval_interval < 0 or self.eval_batches < 1:
-            raise ConfigError("train.eval_interval", "must be >= 0 with train.eval_batches >= 1")
 
 
 @dataclass
@@ -153,6 +175,11 @@ class DataConfig:
     """Vocabulary of the tokenizer trained when preparing from `sources`."""
     valid_fraction: float = 0.01
     """Share of documents held out for validation when preparing."""
+    packing: Literal["concat", "documents"] = "concat"
+    """How training samples are cut: `concat` cuts the documents, back to back, into windows of
+    train.seq_length tokens (attention crosses documents); `documents` makes each document a
+    sample (pieces of train.max_seq_length tokens when longer) and packs whole documents into
+    each micro-batch, with attention and positions inside each document."""
 
     def validate(self) -> None:
         if not 0 < self.valid_fraction < 1:
@@ -210,7 +237,7 @@ class Config:
         self.snapshot.validate()
         self.planner.validate()
         dp = self.parallel.data_parallel_size(world_size) if world_size else (self.parallel.dp or 1)
-        self.train.validate(dp)
+        self.train.validate(dp, documents=self.data.packing == "documents")
         self._validate_layout()
 
     def _validate_layout(self) -> None:
@@ -237,6 +264,8 @@ class Config:
             )
         if self.parallel.sp and self.train.seq_length % tp:
             raise ConfigError("train.seq_length", f"sequence parallelism needs it divisible by tp {tp}")
+        if self.data.packing == "documents" and self.model.spec == "te":
+            raise ConfigError("model.spec", "packed documents (data.packing: documents) run on the local layers")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -24,6 +24,7 @@ import tokenizers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from trainer.errors import DataError
+from trainer.packing import PackedMicroBatch, pack_documents, packed_micro_batch, split_by_tokens
 
 SPLITS = ("train", "valid")
 MAX_TOKEN_SCAN_CHUNK = 1 << 24
@@ -180,6 +181,17 @@ class TokenWindows(_TokenStream):
             raise IndexError(f"window {i} out of range for {self._num_windows} windows")
         return self._read_tokens(int(i) * self.seq_length, self.seq_length + 1).astype(np.int64)
 
+    costs = None
+    """Every window costs 1 of a global batch's budget (train.global_batch_size windows)."""
+
+    def tokens_in(self, batch: np.ndarray) -> int:
+        return len(batch) * self.seq_length
+
+    def micro_batches(self, batch: np.ndarray, dp_rank: int, dp: int, micro_batch_size: int) -> list[np.ndarray]:
+        """This rank's contiguous slice of the global batch, as [micro_batch_size, seq_length + 1] arrays."""
+        samples = np.stack([self[int(i)] for i in shard_for_rank(batch, dp_rank, dp)])
+        return [samples[i : i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
+
 
 class DocumentSamples(_TokenStream):
     """One split's documents as training samples (`data.packing: documents`).
@@ -214,6 +226,23 @@ class DocumentSamples(_TokenStream):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         return self._read_tokens(int(self.starts[i]), int(self.predictions[i]) + 1).astype(np.int64)
 
+    @property
+    def costs(self) -> np.ndarray:
+        """A document costs the tokens it trains on, of a global batch's train.global_batch_tokens."""
+        return self.predictions
+
+    def tokens_in(self, batch: np.ndarray) -> int:
+        return int(self.predictions[batch].sum())
+
+    def micro_batches(self, batch: np.ndarray, dp_rank: int, dp: int, capacity: int) -> list[PackedMicroBatch]:
+        """This rank's share of the global batch's documents (tokens balanced over the
+        data-parallel ranks), packed whole into micro-batches of `capacity` tokens. A rank
+        left without a document still gets one micro-batch, of padding alone, so that it
+        joins every collective of the step."""
+        mine = batch[split_by_tokens(self.predictions[batch], dp)[dp_rank]]
+        packs = [mine[p] for p in pack_documents(self.predictions[mine], capacity)] or [mine[:0]]
+        return [packed_micro_batch([self[int(i)] for i in pack], capacity) for pack in packs]
+
 
 class GlobalBatchSampler:
     """Deterministic order of samples; its whole state is the number of samples consumed.
@@ -232,6 +261,7 @@ class GlobalBatchSampler:
         seed: int,
         consumed_samples: int = 0,
         costs: np.ndarray | None = None,
+        shuffle: bool = True,
     ):
         if num_samples < 1:
             raise DataError(f"num_samples must be positive, got {num_samples}")
@@ -246,6 +276,8 @@ class GlobalBatchSampler:
         self.seed = seed
         self.consumed_samples = consumed_samples
         self.costs = costs
+        self.shuffle = shuffle
+        """False: every epoch in the order 0, 1, 2, ... (a validation split's fixed batches)."""
         self._cached_epoch, self._cached_permutation = -1, np.empty(0, dtype=np.int64)
 
     def next_global_batch(self) -> np.ndarray:
@@ -271,7 +303,8 @@ class GlobalBatchSampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._cached_epoch, self._cached_permutation = epoch, rng.permutation(self.num_samples)
+            order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+            self._cached_epoch, self._cached_permutation = epoch, order
         return self._cached_permutation
 
     def state_dict(self) -> dict:
@@ -302,3 +335,12 @@ def shard_for_rank(global_batch: np.ndarray, dp_rank: int, dp_size: int) -> np.n
         )
     shard_size = len(global_batch) // dp_size
     return global_batch[dp_rank * shard_size : (dp_rank + 1) * shard_size]
+
+
+def batches_in_order(num_samples: int, budget: int, count: int, costs: np.ndarray | None = None) -> list[np.ndarray]:
+    """Global batches of samples 0, 1, 2, ... in order (wrapping around), cut by `budget` as
+    GlobalBatchSampler cuts them: a validation split's fixed batches. At most `count`, and no
+    more than the split fills once (at least one)."""
+    total = num_samples if costs is None else int(costs.sum())
+    order = GlobalBatchSampler(num_samples, budget, seed=0, costs=costs, shuffle=False)
+    return [order.next_global_batch() for _ in range(min(count, max(total // budget, 1)))]

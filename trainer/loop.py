@@ -22,11 +22,13 @@ from parallel.dims import ParallelDims, build_parallel_dims, destroy_parallel_di
 from parallel.errors import on_all_ranks
 from trainer.config import Config
 from trainer.data import (
+    SPLITS,
+    DocumentSamples,
     GlobalBatchSampler,
     TokenWindows,
+    batches_in_order,
     check_tokenizer_matches,
     read_dataset_info,
-    shard_for_rank,
 )
 from trainer.errors import DataError
 from trainer.hooks import CheckpointHook, EvalHook, Hook, MetricsHook, ProgressHook, SnapshotHook, StopRequest
@@ -41,10 +43,14 @@ from trainer.step import TrainStep
 class RunData:
     """The opened dataset splits and the sampler's position."""
 
-    train: TokenWindows
-    valid: TokenWindows
+    train: TokenWindows | DocumentSamples
+    valid: TokenWindows | DocumentSamples
     sampler: GlobalBatchSampler
     vocab_size: int
+    budget: int
+    """What a global batch holds: windows (data.packing: concat) or tokens (documents)."""
+    micro_batch: int
+    """Windows per micro-batch, or a packed micro-batch's tokens."""
 
 
 def open_data(config: Config) -> RunData:
@@ -57,15 +63,16 @@ def open_data(config: Config) -> RunData:
         raise ConfigError(
             "model.vocab_size", f"{vocab} is smaller than the dataset's tokenizer vocabulary {info.vocab_size}"
         )
-    train = TokenWindows(config.data.path, "train", config.train.seq_length)
-    valid = TokenWindows(config.data.path, "valid", config.train.seq_length)
-    sampler = GlobalBatchSampler(len(train), config.train.global_batch_size, config.train.seed)
-    return RunData(train=train, valid=valid, sampler=sampler, vocab_size=vocab)
+    cfg = config.train
+    if config.data.packing == "documents":
+        train, valid = (DocumentSamples(config.data.path, split, cfg.longest_sample) for split in SPLITS)
+        budget, micro_batch = cfg.global_batch_tokens, cfg.micro_batch_tokens
+    else:
+        train, valid = (TokenWindows(config.data.path, split, cfg.seq_length) for split in SPLITS)
+        budget, micro_batch = cfg.global_batch_size, cfg.micro_batch_size
+    sampler = GlobalBatchSampler(len(train), budget, cfg.seed, costs=train.costs)
+    return RunData(train, valid, sampler, vocab, budget, micro_batch)
 
-
-def micro_batches(windows: TokenWindows, indices: np.ndarray, micro_batch_size: int) -> list[np.ndarray]:
-    samples = np.stack([windows[int(i)] for i in indices])
-    return [samples[i : i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
 
 
 class RunState:
@@ -223,13 +230,14 @@ class Trainer:
         cfg = self.config.train
         lr = learning_rate(self.step, cfg.steps, self.config.optim)
         self.step_fn.set_learning_rate(lr)
-        indices = shard_for_rank(self.data.sampler.next_global_batch(), self.dims.dp_rank, self.dims.dp)
-        batches = micro_batches(self.data.train, indices, cfg.micro_batch_size)
+        data = self.data
+        batch = data.sampler.next_global_batch()
+        batches = data.train.micro_batches(batch, self.dims.dp_rank, self.dims.dp, data.micro_batch)
         start = time.perf_counter()
         result = self.step_fn.train(batches, before_update=before_update)
         elapsed = time.perf_counter() - start
         self.run.step += 1
-        tokens_per_s = cfg.global_batch_tokens / elapsed
+        tokens_per_s = data.train.tokens_in(batch) / elapsed
         memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
         return memory | {
             "step": self.step,
@@ -246,14 +254,12 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` global batches of the validation split (fixed order)."""
-        cfg = self.config.train
-        per_batch = cfg.global_batch_size
-        available = len(self.data.valid) // per_batch
-        losses = []
-        for b in range(min(cfg.eval_batches, max(available, 1))):
-            indices = np.arange(b * per_batch, (b + 1) * per_batch) % len(self.data.valid)
-            shard = shard_for_rank(indices, self.dims.dp_rank, self.dims.dp)
-            losses.append(self.step_fn.evaluate(micro_batches(self.data.valid, shard, cfg.micro_batch_size)))
+        data, dims = self.data, self.dims
+        batches = batches_in_order(len(data.valid), data.budget, self.config.train.eval_batches, data.valid.costs)
+        losses = [
+            self.step_fn.evaluate(data.valid.micro_batches(batch, dims.dp_rank, dims.dp, data.micro_batch))
+            for batch in batches
+        ]
         return float(np.mean(losses))
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from checkpoint.layout import padded_shape, tp_regions
 from checkpoint.state import global_param_name, param_layout
 from parallel.dims import ParallelDims
 from parallel.norm import SequenceParallelRMSNorm
+from trainer.attention import DocumentAttention
 from trainer.config import Config, ModelConfig
 
 
@@ -93,19 +94,34 @@ def transformer_config(config: Config, dims: ParallelDims) -> TransformerConfig:
         # gradient with an activation when both pipeline neighbours are the same rank (pp=2,
         # interleaved). Megatron's unbatched path orders them by rank parity, which pairs correctly.
         batch_p2p_comm=torch.cuda.is_available(),
+        # Packed documents: the loss is a sum over tokens, and the gradients are divided by the
+        # global batch's token count (megatron all-reduces it), the same on every layout.
+        calculate_per_token_loss=config.data.packing == "documents",
     )
 
 
-def decoder_block_spec(tconfig: TransformerConfig, use_te: bool, vp_stage: int | None) -> TransformerBlockSubmodules:
+def decoder_block_spec(
+    tconfig: TransformerConfig, model: ModelConfig, use_te: bool, vp_stage: int | None, documents: bool = False
+) -> TransformerBlockSubmodules:
+    """The layers of one model chunk; with `documents`, attention stays inside each packed
+    document (trainer/attention.py)."""
     if use_te:
         return get_gpt_decoder_block_spec(
             tconfig, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
     norm = ModuleSpec(module=SequenceParallelRMSNorm)
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = layer.submodules.self_attention
+    if documents:
+        core = ModuleSpec(module=DocumentAttention, params={"rotary_base": model.rotary_base})
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, core_attention=core)
+        )
     layer = dataclasses.replace(
         layer,
-        submodules=dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm),
+        submodules=dataclasses.replace(
+            layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm, self_attention=attention
+        ),
     )
     layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=norm)
@@ -116,20 +132,22 @@ def build_model_chunks(config: Config, dims: ParallelDims, vocab_size: int) -> l
     from megatron.core import parallel_state as ps
 
     tconfig = transformer_config(config, dims)
-    use_te = use_transformer_engine(config.model)
+    documents = config.data.packing == "documents"
+    use_te = use_transformer_engine(config.model) and not documents  # packed documents: local layers
     vocab = padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
     chunks = []
     for vp_stage in range(dims.model_chunks):
         vp = vp_stage if dims.vpp else None
         chunk = GPTModel(
             config=tconfig,
-            transformer_layer_spec=decoder_block_spec(tconfig, use_te, vp),
+            transformer_layer_spec=decoder_block_spec(tconfig, config.model, use_te, vp, documents),
             vocab_size=vocab,
             max_sequence_length=config.model.max_position_embeddings or config.train.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
+            # Packed documents are rotated inside their attention, by position within each document.
+            position_embedding_type="none" if documents else "rope",
             rotary_base=config.model.rotary_base,
             vp_stage=vp,
         )

@@ -19,12 +19,14 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from parallel.dims import ParallelDims
 from trainer.config import Config
 from trainer.model import build_model_chunks, param_dtype, transformer_config
+from trainer.packing import PackedMicroBatch
 
 
 @dataclass(frozen=True)
@@ -105,27 +107,38 @@ class TrainStep:
             chunk.eval()
         return self._global_mean(self._run(micro_batches, forward_only=True))
 
-    def _run(self, micro_batches: list[np.ndarray], forward_only: bool) -> list[torch.Tensor]:
-        seq_length = micro_batches[0].shape[1] - 1
+    def _run(self, micro_batches: list, forward_only: bool) -> list[torch.Tensor]:
+        packed = isinstance(micro_batches[0], PackedMicroBatch)
+        if packed:  # one row of whole documents per micro-batch
+            seq_length, micro_batch_size = len(micro_batches[0].tokens), 1
+        else:
+            seq_length, micro_batch_size = micro_batches[0].shape[1] - 1, micro_batches[0].shape[0]
         iterators = [iter(micro_batches) for _ in self.model]
         outputs = self._forward_backward(
-            forward_step_func=partial(_forward_step, device=self.dims.device),
+            forward_step_func=partial(_forward_packed if packed else _forward_step, device=self.dims.device),
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
             seq_length=seq_length,
-            micro_batch_size=micro_batches[0].shape[0],
+            micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
         return [out["lm loss"] for out in outputs] if outputs else []
 
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
-        """Average micro-batch losses over DP on the last stage, then share them along the pipeline."""
+        """The step's mean token loss: on the last stage, reduced over DP (each micro-batch's mean
+        weighted alike, or, with packed documents, every token alike), then shared along the pipeline."""
         total = torch.zeros(1, dtype=torch.float64, device=self.dims.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            total += torch.stack(losses).double().mean()
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
-            total /= self.dims.dp
+            stacked = torch.stack(losses).double()
+            if stacked.dim() == 2:  # packed documents: (sum, tokens) per micro-batch
+                sums = stacked.sum(dim=0)
+                dist.all_reduce(sums, group=ps.get_data_parallel_group())
+                total += sums[0] / sums[1].clamp(min=1)
+            else:
+                total += stacked.mean()
+                dist.all_reduce(total, group=ps.get_data_parallel_group())
+                total /= self.dims.dp
         if self.dims.pp > 1:
             dist.broadcast(
                 total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
@@ -139,6 +152,30 @@ def _forward_step(data_iterator, model, device: torch.device):
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None, labels=labels)
     return output, _mean_token_loss
+
+
+def _forward_packed(data_iterator, model, device: torch.device):
+    batch: PackedMicroBatch = next(data_iterator)
+    row = lambda values: torch.from_numpy(values).to(device).unsqueeze(0)  # noqa: E731
+    cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(device)
+    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    documents = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+    output = model(row(batch.tokens), row(batch.positions), None, labels=row(batch.labels), packed_seq_params=documents)
+    return output, partial(_summed_token_loss, loss_mask=row(batch.loss_mask))
+
+
+def _summed_token_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
+    """Packed documents: the sum of the real tokens' losses and their count. Megatron divides
+    the gradients by the count over the whole global batch (calculate_per_token_loss)."""
+    summed = (per_token_loss.float() * loss_mask).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    return summed, tokens, {"lm loss": torch.stack([summed.detach(), tokens.detach().float()])}
 
 
 def _mean_token_loss(per_token_loss: torch.Tensor):
