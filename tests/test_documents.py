@@ -2,6 +2,7 @@
 inside each document, and the step's loss is the same on every layout."""
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def documents_run(
         "snapshot.interval=0",
         *settings,
     )
-    command = ["python", "-m", "launcher.cli", "run", str(config), "--nproc", str(nproc)]
+    command = [sys.executable, "-m", "launcher.cli", "run", str(config), "--nproc", str(nproc)]
     result = run_command(command, 600, env=rank_env(nproc), cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     if restores is not None:

@@ -47,8 +47,6 @@ class RunData:
     valid: TokenWindows | DocumentSamples
     sampler: GlobalBatchSampler
     vocab_size: int
-    budget: int
-    """What a global batch holds: windows (data.packing: concat) or tokens (documents)."""
     micro_batch: int
     """Windows per micro-batch, or a packed micro-batch's tokens."""
 
@@ -71,8 +69,7 @@ def open_data(config: Config) -> RunData:
         train, valid = (TokenWindows(config.data.path, split, cfg.seq_length) for split in SPLITS)
         budget, micro_batch = cfg.global_batch_size, cfg.micro_batch_size
     sampler = GlobalBatchSampler(len(train), budget, cfg.seed, costs=train.costs)
-    return RunData(train, valid, sampler, vocab, budget, micro_batch)
-
+    return RunData(train, valid, sampler, vocab, micro_batch)
 
 
 class RunState:
@@ -255,7 +252,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` global batches of the validation split (fixed order)."""
         data, dims = self.data, self.dims
-        batches = batches_in_order(len(data.valid), data.budget, self.config.train.eval_batches, data.valid.costs)
+        count = self.config.train.eval_batches
+        batches = batches_in_order(len(data.valid), data.sampler.budget, count, data.valid.costs)
         losses = [
             self.step_fn.evaluate(data.valid.micro_batches(batch, dims.dp_rank, dims.dp, data.micro_batch))
             for batch in batches

@@ -68,8 +68,9 @@ def pack_documents(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
         n = int(lengths[i])
         fit = next((b for b, left in enumerate(room) if left >= n), None)
         if fit is None:
-            bins.append([]), room.append(capacity)
-            fit = len(bins) - 1
+            fit = len(bins)
+            bins.append([])
+            room.append(capacity)
         bins[fit].append(int(i))
         room[fit] -= n
     return [np.array(sorted(b), dtype=np.int64) for b in bins]
