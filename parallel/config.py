@@ -64,12 +64,16 @@ class ParallelConfig:
 
 @dataclass
 class PlannerConfig:
+    enabled: bool = False
+    """Plan every step (data.packing: documents): the data-parallel ranks split into sequence-parallel
+    groups of different sizes, each running its documents with Ulysses attention. Off: every rank
+    runs its own documents."""
     profile: str = "h100-gpt7b"
     """Cost-model profile: a YAML file, or the name of one in parallel/profiles/ (`stalwart plan-profile` fits one)."""
     tokens_per_rank: int | None = None
     """Tokens one rank holds in a micro-batch; None takes the profile's."""
     ranks_per_node: int = 8
-    """Ranks per node; groups larger than this pay the across-node all-to-all."""
+    """Ranks (GPUs) per node; groups larger than a node pay the across-node all-to-all."""
     time_limit_s: float = 0.8
     """Wall-clock budget of one plan; the MIP stops within it and the best plan found so far is used."""
     mip_gap: float = 0.01

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ class ParallelDims:
     world_size: int
     rank: int
     device: torch.device
+    sequence_groups: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict, repr=False, compare=False)
+    """This rank's sequence-parallel groups, by (first data-parallel rank, size): one for every
+    aligned power-of-two block of data-parallel ranks that holds this rank, size 2 and up."""
 
     @property
     def tp_rank(self) -> int:
@@ -94,8 +97,9 @@ def init_distributed(config: ParallelConfig) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=config.timeout_minutes))
 
 
-def build_parallel_dims(config: ParallelConfig, seed: int) -> ParallelDims:
-    """Create megatron's model-parallel groups for this layout and seed its RNG streams."""
+def build_parallel_dims(config: ParallelConfig, seed: int, largest_sequence_group: int = 1) -> ParallelDims:
+    """Create megatron's model-parallel groups for this layout, the sequence-parallel groups up
+    to `largest_sequence_group` ranks, and seed megatron's RNG streams."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -121,7 +125,33 @@ def build_parallel_dims(config: ParallelConfig, seed: int) -> ParallelDims:
         world_size=world_size,
         rank=dist.get_rank(),
         device=device,
+        sequence_groups=_sequence_groups(min(largest_sequence_group, dp)),
     )
+
+
+def _sequence_groups(largest: int) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """Process groups for the aligned power-of-two blocks of every data-parallel group, created
+    once, in the same order on every rank (as torch requires); this rank keeps those it is in.
+
+    They live inside the data-parallel dimension: a block of data-parallel ranks at one tensor-
+    and pipeline-parallel coordinate, so tensor and pipeline parallelism stay as they are."""
+    from megatron.core import parallel_state as ps
+
+    if largest < 2:
+        return {}
+    mine = tuple(dist.get_process_group_ranks(ps.get_data_parallel_group()))
+    every: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    groups = {}
+    size = 2
+    while size <= largest:
+        for ranks in sorted(set(every)):
+            for start in range(0, len(ranks), size):
+                group = dist.new_group(list(ranks[start : start + size]))
+                if ranks == mine and dist.get_rank() in ranks[start : start + size]:
+                    groups[(start, size)] = group
+        size *= 2
+    return groups
 
 
 def destroy_parallel_dims() -> None:

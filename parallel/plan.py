@@ -22,12 +22,21 @@ class PlanError(ValueError):
     """A batch that cannot be planned, or a plan that breaks a rule; the message says which."""
 
 
+def largest_group(heads_per_rank: int) -> int:
+    """The largest group attention heads allow: Ulysses splits each rank's query heads evenly
+    over its group, so the size is the largest power of two that divides them."""
+    return heads_per_rank & -heads_per_rank
+
+
 @dataclass(frozen=True)
 class Cluster:
     ranks: int
     """Data-parallel ranks the plan splits (sequence-parallel groups are carved out of them)."""
     ranks_per_node: int
     """Ranks that share a node; a group that spans nodes pays the slower all-to-all."""
+    largest_group: int | None = None
+    """The largest group the model allows: a group splits each rank's attention heads, so it can
+    be no larger than they allow (largest_group). None: no limit but the ranks."""
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -37,10 +46,18 @@ class Cluster:
             raise PlanError(f"ranks per node must be a power of two, got {rpn}")
         if self.ranks > rpn and self.ranks % rpn:
             raise PlanError(f"{self.ranks} ranks do not fill whole nodes of {rpn}")
+        if self.largest_group is not None and self.largest_group < 1:
+            raise PlanError(f"the largest group must be >= 1, got {self.largest_group}")
 
     def group_sizes(self) -> list[int]:
-        """Every power of two up to the ranks: the sizes a group may take."""
-        return [1 << k for k in range(self.ranks.bit_length()) if 1 << k <= self.ranks]
+        """Every power of two up to the ranks and the largest group: the sizes a group may take."""
+        limit = min(self.ranks, self.largest_group or self.ranks)
+        return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+
+    @property
+    def widest(self) -> int:
+        """The largest size a group may take."""
+        return self.group_sizes()[-1]
 
     def crosses_nodes(self, start: int, size: int) -> bool:
         return start // self.ranks_per_node != (start + size - 1) // self.ranks_per_node
@@ -93,13 +110,14 @@ def check_lengths(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: 
     bad = np.flatnonzero(array <= 0)
     if bad.size:
         raise PlanError(f"sequence {bad[0]} has length {array[bad[0]]}: lengths must be positive")
-    capacity = cluster.ranks * model.tokens_per_rank
+    widest = cluster.widest
+    capacity = widest * model.tokens_per_rank
     too_long = np.flatnonzero(array > capacity)
     if too_long.size:
         i = too_long[0]
         raise PlanError(
-            f"sequence {i} has {array[i]:,} tokens, more than all {cluster.ranks} ranks hold together "
-            f"({cluster.ranks} x {model.tokens_per_rank:,} tokens per rank = {capacity:,}); "
+            f"sequence {i} has {array[i]:,} tokens, more than the largest group of {widest} ranks holds "
+            f"({widest} x {model.tokens_per_rank:,} tokens per rank = {capacity:,}); "
             "clip or split it, or plan over more ranks"
         )
     return array.astype(np.int64)
@@ -168,6 +186,9 @@ def _check_partition(groups: Sequence[Group], cluster: Cluster) -> None:
     for g in groups:
         if g.size < 1 or g.size & (g.size - 1):
             raise PlanError(f"group at rank {g.start} has size {g.size}, not a power of two")
+        if g.size > cluster.widest:
+            widest = cluster.widest
+            raise PlanError(f"group at rank {g.start} has size {g.size}, more than the largest allowed ({widest})")
         if g.start % g.size or g.start < 0 or g.start + g.size > cluster.ranks:
             raise PlanError(f"group [{g.start}, {g.start + g.size}) is not an aligned block of the ranks")
         covered[g.start : g.start + g.size] += 1

@@ -45,6 +45,10 @@ class PlanAhead:
         self._conn.send((step, np.asarray(lengths)))
         self._pending.add(step)
 
+    def pending(self, step: int) -> bool:
+        """`step` was submitted and its plan not yet collected."""
+        return step in self._pending
+
     def result(self, step: int, timeout: float = 60.0) -> Plan:
         """The plan of a submitted step, in submission order; raises PlanError for a batch it cannot plan."""
         if step not in self._pending:

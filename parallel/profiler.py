@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.cost_model import CostModel
+from parallel.ulysses import heads_to_tokens, tokens_to_heads
 
 Point = tuple[int, int]
 """(s, d): a sequence of s tokens on a sequence-parallel group of d ranks."""
@@ -118,50 +119,6 @@ class HeldOutError(NamedTuple):
 # The timed layer stack: Ulysses sequence parallelism.
 
 
-def _exchange_tokens_for_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """[s/d tokens, heads, ...] on each rank -> [s tokens, heads/d, ...]: rank j gets head block j."""
-    d = dist.get_world_size(group)
-    tokens, heads = x.shape[:2]
-    send = x.reshape(tokens, d, heads // d, *x.shape[2:]).transpose(0, 1).contiguous()
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    # received[i] holds rank i's tokens, and ranks hold consecutive slices, so this is sequence order.
-    return received.reshape(d * tokens, heads // d, *x.shape[2:])
-
-
-def _exchange_heads_for_tokens(x: torch.Tensor, group) -> torch.Tensor:
-    """[s tokens, heads/d, ...] on each rank -> [s/d tokens, heads, ...]: the inverse of the above."""
-    d = dist.get_world_size(group)
-    tokens, local_heads = x.shape[:2]
-    send = x.reshape(d, tokens // d, local_heads, *x.shape[2:]).contiguous()
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    return received.transpose(0, 1).reshape(tokens // d, d * local_heads, *x.shape[2:])
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
-        ctx.group, ctx.to_heads = group, to_heads
-        return (_exchange_tokens_for_heads if to_heads else _exchange_heads_for_tokens)(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # An all-to-all only moves elements between ranks, so its adjoint is the inverse exchange.
-        undo = _exchange_heads_for_tokens if ctx.to_heads else _exchange_tokens_for_heads
-        return undo(grad.contiguous(), ctx.group), None, None
-
-
-def shard_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """[s/d tokens, heads, ...] -> [s tokens, heads/d, ...] over `group`; the identity without a group."""
-    return x if group is None else _AllToAll.apply(x, group, True)
-
-
-def shard_tokens(x: torch.Tensor, group) -> torch.Tensor:
-    """[s tokens, heads/d, ...] -> [s/d tokens, heads, ...] over `group`; the identity without a group."""
-    return x if group is None else _AllToAll.apply(x, group, False)
-
-
 class UlyssesLayer(nn.Module):
     """A pre-norm transformer layer (causal attention, SwiGLU MLP) whose s/d tokens sit on one rank."""
 
@@ -183,13 +140,13 @@ class UlyssesLayer(nn.Module):
     def attention(self, x: torch.Tensor, group) -> torch.Tensor:
         tokens = x.shape[0]
         # Head-major, so that one all-to-all moves each head's q, k and v together.
-        qkv = shard_heads(self.qkv(x).view(tokens, self.heads, 3, -1), group)
+        qkv = tokens_to_heads(self.qkv(x).view(tokens, self.heads, 3, -1), group)
         # 4-d [1, heads/d, s, head_dim]: with 3-d inputs PyTorch's CPU flash kernel declines and the
         # math path materialises the s x s scores.
         q, k, v = qkv.permute(2, 1, 0, 3).unsqueeze(1).unbind(0)
         # Each rank now holds the whole sequence for its heads, so plain causal attention is exact.
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
-        return self.out(shard_tokens(attended.transpose(0, 1), group).reshape(tokens, -1))
+        return self.out(heads_to_tokens(attended.transpose(0, 1), group).reshape(tokens, -1))
 
 
 class UlyssesStack(nn.Module):

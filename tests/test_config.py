@@ -79,6 +79,15 @@ def test_load_errors_name_the_key(tmp_path, text, overrides, key, words):
             ["[1, 128]", "got 200"],
         ),
         (["data.packing=documents", "model.spec=te"], 1, "model.spec", ["local layers"]),
+        (["planner.enabled=true"], 1, "planner.enabled", ["data.packing: documents"]),
+        (
+            # 4 ranks, but 4 heads over tp 2 leave 2 per rank: groups of at most 2, 2 x 128 tokens.
+            ["data.packing=documents", "planner.enabled=true", "parallel.tp=2", "train.seq_length=64"]
+            + ["train.micro_batch_size=2", "train.max_seq_length=300"],
+            8,
+            "train.max_seq_length",
+            ["[1, 256]", "x 2, the planner's largest group", "got 300"],
+        ),
     ],
 )
 def test_validation_errors_name_the_key(tmp_path, overrides, world, key, words):

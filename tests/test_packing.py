@@ -5,8 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from parallel.plan import Group
 from trainer.errors import DataError
-from trainer.packing import pack_documents, packed_micro_batch, split_by_tokens
+from trainer.packing import balanced_groups, pack_documents, packed_micro_batch, rank_micro_batches, split_by_tokens
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=60)
 
@@ -70,3 +71,37 @@ def test_a_full_micro_batch_has_no_padding_document():
 def test_documents_that_overflow_the_micro_batch_are_refused():
     with pytest.raises(DataError, match="5 tokens of documents do not fit a micro-batch of 4"):
         packed_micro_batch([np.arange(4), np.arange(3)], length=4)
+
+
+def test_without_the_planner_every_rank_is_its_own_group_of_balanced_documents():
+    lengths = np.array([50, 20, 90, 10, 40])
+    groups = balanced_groups(lengths, ranks=2, capacity=100)
+    assert [(g.start, g.size) for g in groups] == [(0, 1), (1, 1)]
+    assert sorted(i for g in groups for i in g.sequences) == list(range(5))
+    for g in groups:
+        assert all(sum(lengths[list(mb)]) <= 100 for mb in g.microbatches)
+
+
+def test_a_group_splits_each_micro_batch_into_equal_slices_that_cover_it():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 100, n + 1) for n in (30, 7, 12)]
+    group = Group(2, 4, ((0, 1, 2),))  # data-parallel ranks 2..5
+    slices = [rank_micro_batches([Group(0, 2, ()), group], r, docs.__getitem__, multiple=2)[0] for r in range(2, 6)]
+    whole = packed_micro_batch(docs, 56)  # 49 tokens, padded to a multiple of 4 ranks x 2
+    assert {len(s.tokens) for s in slices} == {14}
+    assert np.concatenate([s.tokens for s in slices]).tolist() == whole.tokens.tolist()
+    assert np.concatenate([s.loss_mask for s in slices]).sum() == 49
+    assert all(s.cu_seqlens.tolist() == whole.cu_seqlens.tolist() and s.group == (2, 4) for s in slices)
+
+
+def test_a_group_without_documents_runs_one_micro_batch_of_padding():
+    [idle] = rank_micro_batches([Group(0, 1, ((0,),)), Group(1, 1, ())], 1, lambda i: np.arange(9), multiple=1)
+    assert idle.num_tokens == 0 and len(idle.tokens) >= 1
+
+
+def test_pipelines_get_micro_batches_of_one_length_and_a_rank_outside_the_plan_is_refused():
+    docs = [np.arange(n + 1) for n in (5, 60, 33)]
+    batches = rank_micro_batches([Group(0, 1, ((0,), (1, 2)))], 0, docs.__getitem__, 1, tokens_per_rank=128)
+    assert [len(b.tokens) for b in batches] == [128, 128]
+    with pytest.raises(DataError, match="gives data-parallel rank 3 no group"):
+        rank_micro_batches([Group(0, 2, ())], 3, docs.__getitem__, 1)

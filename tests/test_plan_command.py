@@ -79,7 +79,7 @@ def test_plan_draws_from_a_workload_and_a_corpus(small_dataset, capsys):
     ("content", "args", "message"),
     [
         ("100\n0\n", [], "line 2"),
-        ("100\n70000\n", [], "more than all 8 ranks hold together"),
+        ("100\n70000\n", [], "more than the largest group of 8 ranks holds"),
         ("100\n", ["--profile", "nope"], "neither a file nor a shipped profile"),
         ("100\n", ["--ranks-per-node", "3"], "power of two"),
     ],

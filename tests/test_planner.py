@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from parallel.config import PlannerConfig
 from parallel.cost_model import CostModel, ProfileError, load_profile
-from parallel.plan import Cluster, PlanError, check_plan, place_groups, plan_time
+from parallel.plan import Cluster, PlanError, check_plan, largest_group, place_groups, plan_time
 from parallel.plan_ahead import PlanAhead
 from parallel.plan_baselines import best_homogeneous, best_static, homogeneous_time, megatron_balanced_cp
 from parallel.planner import plan_step
@@ -153,7 +153,7 @@ def test_a_mixed_plan_beats_every_single_degree_when_one_sequence_is_long():
         ([], "empty"),
         ([100, 0, 5], "sequence 1 has length 0"),
         ([100, -7], "sequence 1 has length -7"),
-        ([100, 4 * 8192 + 1], "more than all 4 ranks hold together"),
+        ([100, 4 * 8192 + 1], "more than the largest group of 4 ranks holds"),
         ([100.5], "whole numbers"),
     ],
 )
@@ -228,3 +228,14 @@ def test_a_degree_that_cannot_hold_a_sequence_is_never_chosen():
     lengths = np.array([20_000, 100, 100])
     assert homogeneous_time(lengths, Cluster(8, 8), H100, 2) == np.inf
     assert best_homogeneous(lengths, Cluster(8, 8), H100).detail in {"degree 4", "degree 8"}
+
+
+def test_no_group_is_larger_than_the_heads_allow():
+    cluster = Cluster(8, 8, largest_group=2)
+    assert cluster.group_sizes() == [1, 2] and cluster.widest == 2
+    plan = plan_step([8192, 8000, 300, 200, 100], cluster, H100, FAST)
+    assert max(g.size for g in plan.groups) <= 2
+    check_plan(plan, np.array([8192, 8000, 300, 200, 100]), cluster, H100)
+    with pytest.raises(PlanError, match="more than the largest group of 2 ranks holds"):
+        plan_step([2 * 8192 + 1], cluster, H100, FAST)
+    assert largest_group(12) == 4 and largest_group(8) == 8 and largest_group(3) == 1

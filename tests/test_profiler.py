@@ -30,9 +30,8 @@ from parallel.profiler import (
     profile_notes,
     repeats_for,
     run_on_ranks,
-    shard_heads,
-    shard_tokens,
 )
+from parallel.ulysses import heads_to_tokens, tokens_to_heads
 
 KNOWN = CostModel(
     attention=3.5e-8,
@@ -158,13 +157,13 @@ def compare_with_one_rank(rank: int, world: int, payload, report) -> None:
     mine = slice(rank * tokens // world, (rank + 1) * tokens // world)
     my_heads = slice(rank * heads // world, (rank + 1) * heads // world)
     local = whole[mine].clone().requires_grad_()
-    by_heads = shard_heads(local, dist.group.WORLD)
+    by_heads = tokens_to_heads(local, dist.group.WORLD)
     (by_heads * upstream[:, my_heads]).sum().backward()
     errors = {
-        "shard_heads": (by_heads - whole[:, my_heads]).abs().max().item(),
+        "tokens_to_heads": (by_heads - whole[:, my_heads]).abs().max().item(),
         # The loss is the sum over ranks of <upstream, output>, so each rank's input gradient is its rows of upstream.
-        "shard_heads grad": (local.grad - upstream[mine]).abs().max().item(),
-        "round trip": (shard_tokens(by_heads.detach(), dist.group.WORLD) - whole[mine]).abs().max().item(),
+        "tokens_to_heads grad": (local.grad - upstream[mine]).abs().max().item(),
+        "round trip": (heads_to_tokens(by_heads.detach(), dist.group.WORLD) - whole[mine]).abs().max().item(),
     }
 
     shape = ProfileShape(hidden=32, heads=4, ffn=64, layers=2)
@@ -193,7 +192,7 @@ def test_two_rank_ulysses_stack_equals_one_rank():
     run_on_ranks(compare_with_one_rank, 2, None, timeout_s=45, on_result=results.__setitem__)
     assert sorted(results) == [0, 1]
     for rank, errors in results.items():
-        assert errors.keys() >= {"shard_heads", "shard_heads grad", "layer output", "input grad", "weight grad"}
+        assert errors.keys() >= {"tokens_to_heads", "tokens_to_heads grad", "layer output", "input grad", "weight grad"}
         for name, error in errors.items():
             assert error < 1e-10, f"rank {rank}: {name} differs by {error}"
 

@@ -8,9 +8,13 @@ per document, so that no token attends across a document boundary. The rotation 
 own (`RotaryEmbedding`, `apply_rotary_pos_emb`), so a document alone gives what the stock model
 gives for it.
 
-Positions are applied here, not by the model, because the sequence-parallel groups of the
-planner (issue 13, part 2) exchange tokens for heads before attention: only after that
-exchange does a rank hold whole documents whose positions it can count.
+A micro-batch may run on a sequence-parallel group of several data-parallel ranks (the
+planner's groups, Ulysses style): each rank holds an equal slice of the micro-batch's tokens,
+and the group's process group arrives with the documents' lengths (`PackedSeqParams.cp_group`,
+megatron's field for a per-step group). An all-to-all over the group then trades tokens for
+heads, so that every rank holds all tokens of its share of the heads; attention runs per
+document, and a second all-to-all trades back. Positions are applied after the first
+exchange, because only then does a rank hold whole documents whose positions it can count.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from parallel.ulysses import heads_to_tokens, replicate_kv_heads, tokens_to_heads
 
 
 def positions_in_documents(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -69,10 +76,20 @@ class DocumentAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        """query [t, heads, d], key and value [t, query groups, d] -> [t, heads * d]."""
+        """query [t, heads, d], key and value [t, query groups, d] -> [t, heads * d], where t is
+        this rank's slice of the micro-batch's tokens."""
         if packed_seq_params is None:
             raise ValueError("DocumentAttention needs packed documents: their cumulative lengths (cu_seqlens)")
-        cu_seqlens = packed_seq_params.cu_seqlens_q
+        group = packed_seq_params.cp_group
+        if group is not None:
+            size = dist.get_world_size(group)
+            key, value = (replicate_kv_heads(x, size) for x in (key, value))
+            query, key, value = (tokens_to_heads(x, group) for x in (query, key, value))
+        out = heads_to_tokens(self._attend(query, key, value, packed_seq_params.cu_seqlens_q), group)
+        return out.reshape(out.size(0), -1)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor):
+        """Rotary positions and causal attention inside each document of the whole micro-batch."""
         positions = positions_in_documents(cu_seqlens)
         freqs = self.rotary(int(positions.max()) + 1)[positions].squeeze(1)  # [t, 1, d]
         query = apply_rotary_pos_emb(query, freqs, self.config)
@@ -92,4 +109,4 @@ class DocumentAttention(MegatronModule):
             ).transpose(0, 1)
             for a, b in zip(bounds, bounds[1:], strict=False)
         ]
-        return torch.cat(out).reshape(query.size(0), -1)
+        return torch.cat(out)

@@ -14,6 +14,7 @@ import yaml
 
 from checkpoint.config import CheckpointConfig, SnapshotConfig
 from parallel.config import ParallelConfig, PlannerConfig
+from parallel.plan import largest_group
 from trainer.schema import ConfigError, apply_override, from_dict
 
 
@@ -101,7 +102,9 @@ class TrainConfig:
     def longest_sample(self) -> int:
         return self.max_seq_length or self.micro_batch_tokens
 
-    def validate(self, dp: int, documents: bool = False) -> None:
+    def validate(self, dp: int, documents: bool = False, largest_group: int = 1) -> None:
+        """`largest_group`: the most data-parallel ranks one sample may be spread over (the
+        planner's sequence-parallel groups); 1 without the planner."""
         for key in ("steps", "seq_length", "global_batch_tokens", "micro_batch_size", "log_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
@@ -109,11 +112,13 @@ class TrainConfig:
             raise ConfigError("train.eval_interval", "must be >= 0 with train.eval_batches >= 1")
         if documents:
             # A global batch is whole documents up to global_batch_tokens: nothing need divide.
-            if not 1 <= self.longest_sample <= self.micro_batch_tokens:
+            holds = self.micro_batch_tokens * largest_group
+            if not 1 <= self.longest_sample <= holds:
+                where = f" x {largest_group}, the planner's largest group" if largest_group > 1 else ""
                 raise ConfigError(
                     "train.max_seq_length",
-                    f"must be in [1, {self.micro_batch_tokens}] (train.seq_length x train.micro_batch_size, "
-                    f"the tokens of a micro-batch), got {self.max_seq_length}",
+                    f"must be in [1, {holds}] (train.seq_length x train.micro_batch_size, the tokens of a "
+                    f"micro-batch on one rank{where}), got {self.max_seq_length}",
                 )
             return
         if self.global_batch_tokens % self.seq_length:
@@ -237,8 +242,19 @@ class Config:
         self.snapshot.validate()
         self.planner.validate()
         dp = self.parallel.data_parallel_size(world_size) if world_size else (self.parallel.dp or 1)
-        self.train.validate(dp, documents=self.data.packing == "documents")
+        if self.planner.enabled and self.data.packing != "documents":
+            raise ConfigError("planner.enabled", "the planner places documents: it needs data.packing: documents")
+        self.train.validate(dp, self.data.packing == "documents", self.largest_sequence_group(dp))
         self._validate_layout()
+
+    def largest_sequence_group(self, dp: int) -> int:
+        """The most data-parallel ranks a sequence-parallel group of this run spans: 1 without the
+        planner, else the largest power of two within `dp` that splits each tensor-parallel
+        rank's attention heads evenly."""
+        if not self.planner.enabled:
+            return 1
+        heads = self.model.num_attention_heads // self.parallel.tp
+        return min(1 << (dp.bit_length() - 1), largest_group(heads))
 
     def _validate_layout(self) -> None:
         tp, pp, model = self.parallel.tp, self.parallel.pp, self.model

@@ -17,14 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from parallel.plan import Group
 from trainer.errors import DataError
-from trainer.packing import PackedMicroBatch, pack_documents, packed_micro_batch, split_by_tokens
+from trainer.packing import PackedMicroBatch, rank_micro_batches
 
 SPLITS = ("train", "valid")
 MAX_TOKEN_SCAN_CHUNK = 1 << 24
@@ -234,14 +236,12 @@ class DocumentSamples(_TokenStream):
     def tokens_in(self, batch: np.ndarray) -> int:
         return int(self.predictions[batch].sum())
 
-    def micro_batches(self, batch: np.ndarray, dp_rank: int, dp: int, capacity: int) -> list[PackedMicroBatch]:
-        """This rank's share of the global batch's documents (tokens balanced over the
-        data-parallel ranks), packed whole into micro-batches of `capacity` tokens. A rank
-        left without a document still gets one micro-batch, of padding alone, so that it
-        joins every collective of the step."""
-        mine = batch[split_by_tokens(self.predictions[batch], dp)[dp_rank]]
-        packs = [mine[p] for p in pack_documents(self.predictions[mine], capacity)] or [mine[:0]]
-        return [packed_micro_batch([self[int(i)] for i in pack], capacity) for pack in packs]
+    def micro_batches(
+        self, batch: np.ndarray, dp_rank: int, groups: Sequence[Group], multiple: int, tokens_per_rank: int | None
+    ) -> list[PackedMicroBatch]:
+        """This rank's micro-batches of the global batch under the step's plan (`groups` name
+        documents by their position in `batch`); see packing.rank_micro_batches."""
+        return rank_micro_batches(groups, dp_rank, lambda i: self[int(batch[i])], multiple, tokens_per_rank)
 
 
 class GlobalBatchSampler:
@@ -279,6 +279,14 @@ class GlobalBatchSampler:
         self.shuffle = shuffle
         """False: every epoch in the order 0, 1, 2, ... (a validation split's fixed batches)."""
         self._cached_epoch, self._cached_permutation = -1, np.empty(0, dtype=np.int64)
+
+    def upcoming_global_batch(self) -> np.ndarray:
+        """The batch next_global_batch will return, without advancing (the planner plans it a step early)."""
+        consumed = self.consumed_samples
+        try:
+            return self.next_global_batch()
+        finally:
+            self.consumed_samples = consumed
 
     def next_global_batch(self) -> np.ndarray:
         """Sample indices of the next global batch; advances the state."""

@@ -20,6 +20,7 @@ from checkpoint.state import RankState
 from checkpoint.universal import CheckpointError
 from parallel.dims import ParallelDims, build_parallel_dims, destroy_parallel_dims, init_distributed
 from parallel.errors import on_all_ranks
+from parallel.plan import Plan
 from trainer.config import Config
 from trainer.data import (
     SPLITS,
@@ -36,7 +37,17 @@ from trainer.metrics import model_flops_per_token, peak_flops_per_device
 from trainer.model import padded_vocab_size
 from trainer.schedule import learning_rate
 from trainer.schema import ConfigError, to_dict
+from trainer.sequence_plans import StepPlans
 from trainer.step import TrainStep
+
+
+def plan_record(plan: Plan | None) -> dict:
+    """A planned step's metrics: its groups and the cost model's estimate of its time, to set
+    against the measured step time."""
+    if plan is None or plan.method == "balanced":
+        return {}
+    sizes = ",".join(str(g.size) for g in plan.groups)
+    return {"plan_groups": sizes, "plan_estimate_s": plan.estimated_time, "plan_method": plan.method}
 
 
 @dataclass
@@ -108,7 +119,11 @@ class Trainer:
         world = dist.get_world_size()
         on_all_ranks(lambda: config.validate(world), (ConfigError,))
         self.data = on_all_ranks(lambda: open_data(config), (ConfigError, DataError))
-        self.dims: ParallelDims = build_parallel_dims(config.parallel, config.train.seed)
+        dp = config.parallel.data_parallel_size(world)
+        self.dims: ParallelDims = build_parallel_dims(
+            config.parallel, config.train.seed, config.largest_sequence_group(dp)
+        )
+        self.plans = StepPlans(config, self.dims.dp, self.dims.tp, self.dims.pp, self.dims.rank)
         self.step_fn = TrainStep(config, self.dims, self.data.vocab_size)
         self.run = RunState(config, self.data.sampler)
         self.state = RankState(self.step_fn.model, self.step_fn.optimizer, self.dims, self.data.vocab_size, self.run)
@@ -229,38 +244,57 @@ class Trainer:
         self.step_fn.set_learning_rate(lr)
         data = self.data
         batch = data.sampler.next_global_batch()
-        batches = data.train.micro_batches(batch, self.dims.dp_rank, self.dims.dp, data.micro_batch)
+        plan = None
+        if isinstance(data.train, DocumentSamples):
+            costs = data.train.costs
+            plan = self.plans.for_step(self.step, costs[batch], costs[data.sampler.upcoming_global_batch()])
+        batches = self._micro_batches(data.train, batch, plan)
         start = time.perf_counter()
         result = self.step_fn.train(batches, before_update=before_update)
         elapsed = time.perf_counter() - start
         self.run.step += 1
         tokens_per_s = data.train.tokens_in(batch) / elapsed
         memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
-        return memory | {
-            "step": self.step,
-            "loss": result.loss,
-            "lr": lr,
-            "grad_norm": result.grad_norm,
-            "skipped": result.skipped,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
-            "consumed_samples": self.data.sampler.state_dict()["consumed_samples"],
-            "time": time.time(),
-        }
+        return (
+            memory
+            | plan_record(plan)
+            | {
+                "step": self.step,
+                "loss": result.loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "skipped": result.skipped,
+                "step_time_s": elapsed,
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
+                "consumed_samples": self.data.sampler.state_dict()["consumed_samples"],
+                "time": time.time(),
+            }
+        )
 
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` global batches of the validation split (fixed order)."""
-        data, dims = self.data, self.dims
+        data = self.data
         count = self.config.train.eval_batches
         batches = batches_in_order(len(data.valid), data.sampler.budget, count, data.valid.costs)
-        losses = [
-            self.step_fn.evaluate(data.valid.micro_batches(batch, dims.dp_rank, dims.dp, data.micro_batch))
-            for batch in batches
-        ]
+        losses = []
+        for batch in batches:
+            plan = self.plans.fixed(data.valid.costs[batch]) if isinstance(data.valid, DocumentSamples) else None
+            losses.append(self.step_fn.evaluate(self._micro_batches(data.valid, batch, plan)))
         return float(np.mean(losses))
 
+    def _micro_batches(self, samples: TokenWindows | DocumentSamples, batch: np.ndarray, plan: Plan | None) -> list:
+        """This rank's micro-batches of a global batch: its slice of the windows, or its slices of
+        its group's packed documents under the step's plan."""
+        dims = self.dims
+        if isinstance(samples, TokenWindows):
+            return samples.micro_batches(batch, dims.dp_rank, dims.dp, self.data.micro_batch)
+        # Pipelines send activations of one fixed shape; without them a micro-batch is as long as its documents.
+        fixed = self.data.micro_batch if dims.pp > 1 else None
+        return samples.micro_batches(batch, dims.dp_rank, plan.groups, dims.tp, fixed)
+
     def close(self) -> None:
+        self.plans.close()
         if self.snapshotter is not None:
             self.snapshotter.close()
         self.checkpointer.close()

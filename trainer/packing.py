@@ -1,19 +1,23 @@
 """Documents packed into micro-batches: who trains on which document, and how each rank's
 documents fill its micro-batches.
 
-Pure functions of the documents' lengths, so every rank computes the same answer for the
-whole data-parallel group without talking to the others. A packed micro-batch holds whole
-documents back to back with their cumulative lengths, so that attention and the loss stay
-inside each document and positions restart at each one; the tail is padding that no loss
-reaches.
+Pure functions of the documents' lengths and the step's plan, so every rank computes the same
+answer for the whole data-parallel group without talking to the others. A plan splits the
+data-parallel ranks into sequence-parallel groups (parallel/plan.py); without the planner
+every rank is a group of its own. A packed micro-batch holds whole documents back to back with
+their cumulative lengths, so that attention and the loss stay inside each document and
+positions restart at each one; the tail is padding that no loss reaches. On a group of
+several ranks each rank holds an equal slice of the micro-batch's tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from parallel.plan import Group
 from trainer.errors import DataError
 
 
@@ -31,7 +35,10 @@ class PackedMicroBatch:
     """[T] int64: the position of each token within its document (0 at every document's start)."""
     cu_seqlens: np.ndarray
     """[documents + 1] int32: where each document starts and the last ends; padding counts as
-    one more document, so that the lengths cover all T tokens."""
+    one more document, so that the lengths cover all T tokens. On a group of several ranks,
+    those of the whole micro-batch, of which the other fields hold this rank's slice."""
+    group: tuple[int, int] = (0, 1)
+    """(first data-parallel rank, size) of the sequence-parallel group that runs the micro-batch."""
 
     @property
     def num_tokens(self) -> int:
@@ -99,3 +106,55 @@ def packed_micro_batch(samples: list[np.ndarray], length: int) -> PackedMicroBat
         positions[used:] = np.arange(pad)
         bounds.append(length)
     return PackedMicroBatch(tokens, labels, loss_mask, positions, np.array(bounds, dtype=np.int32))
+
+
+def balanced_groups(lengths: np.ndarray, ranks: int, capacity: int) -> tuple[Group, ...]:
+    """The plan without the planner: every rank a group of its own, the documents balanced by
+    tokens (split_by_tokens) and packed into micro-batches of `capacity` tokens."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    groups = []
+    for rank, share in enumerate(split_by_tokens(lengths, ranks)):
+        packs = pack_documents(lengths[share], capacity)
+        groups.append(Group(rank, 1, tuple(tuple(int(i) for i in share[p]) for p in packs)))
+    return tuple(groups)
+
+
+def rank_micro_batches(
+    groups: Sequence[Group],
+    dp_rank: int,
+    sample: Callable[[int], np.ndarray],
+    multiple: int,
+    tokens_per_rank: int | None = None,
+) -> list[PackedMicroBatch]:
+    """This rank's slices of its group's micro-batches; `sample(i)` reads the step's document i.
+
+    A micro-batch is padded to `tokens_per_rank` tokens per rank when given (pipelines send
+    activations of one fixed shape), else to the next multiple of the group's size x `multiple`
+    (tensor-parallel sequence parallelism splits each slice again). A group without a
+    document still runs one micro-batch of padding, so that it joins every collective."""
+    group = next((g for g in groups if g.start <= dp_rank < g.start + g.size), None)
+    if group is None:
+        raise DataError(f"the step's plan gives data-parallel rank {dp_rank} no group")
+    quantum = group.size * multiple
+    batches = []
+    for pack in group.microbatches or ((),):
+        samples = [sample(i) for i in pack]
+        used = sum(len(s) - 1 for s in samples)
+        length = group.size * tokens_per_rank if tokens_per_rank else max(quantum, -(-used // quantum) * quantum)
+        batches.append(rank_slice(packed_micro_batch(samples, length), group, dp_rank - group.start))
+    return batches
+
+
+def rank_slice(batch: PackedMicroBatch, group: Group, index: int) -> PackedMicroBatch:
+    """The `index`-th of the group's equal slices of a micro-batch's tokens; the documents'
+    cumulative lengths stay those of the whole micro-batch."""
+    n = len(batch.tokens) // group.size
+    part = slice(index * n, (index + 1) * n)
+    return replace(
+        batch,
+        tokens=batch.tokens[part],
+        labels=batch.labels[part],
+        loss_mask=batch.loss_mask[part],
+        positions=batch.positions[part],
+        group=(group.start, group.size),
+    )

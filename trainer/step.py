@@ -115,7 +115,9 @@ class TrainStep:
             seq_length, micro_batch_size = micro_batches[0].shape[1] - 1, micro_batches[0].shape[0]
         iterators = [iter(micro_batches) for _ in self.model]
         outputs = self._forward_backward(
-            forward_step_func=partial(_forward_packed if packed else _forward_step, device=self.dims.device),
+            forward_step_func=partial(_forward_packed, dims=self.dims)
+            if packed
+            else partial(_forward_step, device=self.dims.device),
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
@@ -154,10 +156,12 @@ def _forward_step(data_iterator, model, device: torch.device):
     return output, _mean_token_loss
 
 
-def _forward_packed(data_iterator, model, device: torch.device):
+def _forward_packed(data_iterator, model, dims: ParallelDims):
+    """One micro-batch of packed documents, or this rank's slice of one that its sequence-parallel
+    group runs: the group travels to the attention with the documents' lengths."""
     batch: PackedMicroBatch = next(data_iterator)
-    row = lambda values: torch.from_numpy(values).to(device).unsqueeze(0)  # noqa: E731
-    cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(device)
+    row = lambda values: torch.from_numpy(values).to(dims.device).unsqueeze(0)  # noqa: E731
+    cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(dims.device)
     longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
     documents = PackedSeqParams(
         qkv_format="thd",
@@ -165,6 +169,7 @@ def _forward_packed(data_iterator, model, device: torch.device):
         cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
+        cp_group=dims.sequence_groups[batch.group] if batch.group[1] > 1 else None,
     )
     output = model(row(batch.tokens), row(batch.positions), None, labels=row(batch.labels), packed_seq_params=documents)
     return output, partial(_summed_token_loss, loss_mask=row(batch.loss_mask))
