@@ -16,6 +16,8 @@ background process while the current step trains.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import math
 import time
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ import numpy as np
 
 from parallel.config import PlannerConfig
 from parallel.cost_model import CostModel
-from parallel.plan import Cluster, Group, Plan, check_lengths, pack_microbatches, place_groups, plan_time
+from parallel.plan import Cluster, Group, Plan, PlanError, check_lengths, pack_microbatches, place_groups, plan_time
 
 # -- the problem, seen by every algorithm ------------------------------------------------------------------
 
@@ -47,6 +49,12 @@ class Problem:
 
     def fits(self, i: int, k: int) -> bool:
         return self.lengths[i] <= self.holds[k]
+
+    @functools.cached_property
+    def as_lists(self) -> tuple[list[list[float]], list[int], list[float]]:
+        """times, lengths and holds as Python lists: a loop over sequences reads them a hundred
+        times faster than numpy scalars."""
+        return self.times.tolist(), self.lengths.tolist(), self.holds.tolist()
 
 
 def make_problem(lengths: np.ndarray, cluster: Cluster, model: CostModel) -> Problem:
@@ -123,11 +131,12 @@ def greedy_homogeneous(problem: Problem, k: int) -> Assignment | None:
         return None
     groups = problem.cluster.ranks // d
     a = Assignment([k] * groups, [[] for _ in range(groups)])
-    loads = np.zeros(groups)
-    for i in np.argsort(-problem.times[:, k], kind="stable"):
-        g = int(np.argmin(loads))
-        a.members[g].append(int(i))
-        loads[g] += problem.times[i, k]
+    loads = [(0.0, g) for g in range(groups)]  # a heap: the least loaded group, the lowest on a tie
+    times = problem.times[:, k]
+    for i in np.argsort(-times, kind="stable").tolist():
+        load, g = loads[0]
+        a.members[g].append(i)
+        heapq.heapreplace(loads, (load + float(times[i]), g))
     return a
 
 
@@ -147,9 +156,11 @@ def greedy_within(problem: Problem, limit: float, wide_first: bool = False) -> A
     size_of: list[int] = []
     members: list[list[int]] = []
     loads: list[float] = []
-    wide = [i for i, k in enumerate(wanted) if problem.sizes[k] > 1]
-    for i in sorted(wide, key=lambda i: (-problem.sizes[wanted[i]], -problem.times[i, wanted[i]])):
-        k, t = wanted[i], problem.times[i, wanted[i]] + o
+    times, sizes = problem.as_lists[0], problem.sizes
+    wanted = wanted.tolist()
+    wide = [i for i, k in enumerate(wanted) if sizes[k] > 1]
+    for i in sorted(wide, key=lambda i: (-sizes[wanted[i]], -times[i][wanted[i]])):
+        k, t = wanted[i], times[i][wanted[i]] + o
         g = next((g for g in range(len(members)) if size_of[g] == k and loads[g] + t <= limit), None)
         if g is None:
             size_of.append(k)
@@ -162,31 +173,54 @@ def greedy_within(problem: Problem, limit: float, wide_first: bool = False) -> A
     if free < 0:
         return None
     a = Assignment(size_of + [0] * free, members + [[] for _ in range(free)])
-    narrow = sorted((i for i, k in enumerate(wanted) if problem.sizes[k] == 1), key=lambda i: -problem.times[i, 0])
+    narrow = sorted((i for i, k in enumerate(wanted) if sizes[k] == 1), key=lambda i: -times[i][0])
     return _fill(problem, a, narrow, limit, wide_first)
 
 
 def _fill(problem: Problem, a: Assignment, order: list[int], limit: float, wide_first: bool) -> Assignment | None:
+    """Each sequence of `order` in turn to the group that finishes it first, preferring one-rank
+    groups (or, with wide_first, the wider ones) while one of them finishes it within `limit`.
+
+    All groups of one size add the same time for a sequence, so per size the group that finishes
+    first is the one whose own finishing time is least: one heap per size answers in log time."""
     o = problem.model.microbatch_overhead
-    size = np.array(a.size_of, dtype=np.int64)
-    holds = problem.holds[size]
-    work = np.array([problem.times[m, k].sum() for m, k in zip(a.members, a.size_of, strict=True)])
-    tokens = np.array([problem.lengths[m].sum() for m in a.members], dtype=np.float64)
-    preferred = (size == 0) != wide_first
-    fits = problem.lengths[order][:, None] <= holds[None, :]
-    for n, i in enumerate(order):
-        # One more overhead than the tokens may need: an upper bound on the micro-batches.
-        finish = work + problem.times[i, size] + o * (np.ceil(tokens / holds) + 1)
-        ok = fits[n] & (finish <= limit)
-        first = ok & preferred
-        options = first if first.any() else ok
-        if not options.any():
+    heaps: dict[int, list[tuple[float, int]]] = {}
+    work: list[float] = []
+    tokens: list[float] = []
+    for g, (m, k) in enumerate(zip(a.members, a.size_of, strict=True)):
+        work.append(float(problem.times[m, k].sum()))
+        tokens.append(float(problem.lengths[m].sum()))
+        heaps.setdefault(k, []).append((_finish(work[g], tokens[g], float(problem.holds[k]), o), g))
+    for heap in heaps.values():
+        heapq.heapify(heap)
+    preferred = [k for k in heaps if (k == 0) != wide_first]
+    others = [k for k in heaps if (k == 0) == wide_first]
+    times, lengths, holds = problem.as_lists
+    for i in order:
+        best = None
+        for sizes in (preferred, others):
+            for k in sizes:
+                if lengths[i] <= holds[k]:
+                    key, g = heaps[k][0]
+                    candidate = (key + times[i][k], g, k)
+                    if candidate[0] <= limit and (best is None or candidate[:2] < best[:2]):
+                        best = candidate
+            if best is not None:
+                break
+        if best is None:
             return None
-        g = int(np.argmin(np.where(options, finish, np.inf)))
+        _, g, k = best
         a.members[g].append(int(i))
-        work[g] += problem.times[i, size[g]]
-        tokens[g] += problem.lengths[i]
+        work[g] += times[i][k]
+        tokens[g] += lengths[i]
+        heapq.heapreplace(heaps[k], (_finish(work[g], tokens[g], holds[k], o), g))
     return a
+
+
+def _finish(work: float, tokens: float, holds: float, overhead: float) -> float:
+    """When a group would finish, before the time of what it is given next: its work, and one more
+    overhead than its tokens may need (an upper bound on its micro-batches once it grows)."""
+    return work + overhead * (math.ceil(tokens / holds) + 1)
 
 
 def greedy_bisection(
@@ -500,9 +534,13 @@ class _MipModel:
                 values[tz] = t * values[z]
         return values
 
-    def _home(self, i: int, values: np.ndarray) -> int:
-        """The size that carries most of short sequence i in the fluid solution."""
-        return max((k for k in range(len(self.p.sizes)) if i in self.y[k]), key=lambda k: values[self.y[k][i]])
+    def _homes(self, values: np.ndarray) -> dict[int, int]:
+        """Per short sequence, the size that carries most of it in the fluid solution (the smallest on a tie)."""
+        share = np.full((len(self.p.lengths), len(self.p.sizes)), -np.inf)
+        for k, ys in enumerate(self.y):
+            if ys:
+                share[list(ys), k] = values[list(ys.values())]
+        return {int(i): int(np.argmax(share[i])) for i in self.short}
 
     def assignment_of(self, values: np.ndarray) -> Assignment:
         """Groups from a solution: the used slots with their long sequences and the plain groups; then each
@@ -517,17 +555,42 @@ class _MipModel:
             count = sum(weight for weight, z, _ in digits if values[z] > 0.5)
             size_of += [k] * count
             members += [[] for _ in range(count)]
-        a = Assignment(size_of, members)
-        home = {int(i): self._home(int(i), values) for i in self.short}
-        loads = np.array([a.load(p, g) for g in range(len(members))])
-        for i in sorted(home, key=lambda i: -p.times[i, home[i]]):
-            own = [g for g in range(len(members)) if size_of[g] == home[i]]
-            if not own:  # its size has no group after all: any group that holds it
-                own = [g for g in range(len(members)) if p.fits(i, size_of[g])]
-            g = min(own, key=lambda g: loads[g] + p.times[i, size_of[g]])
-            a.members[g].append(i)
-            loads[g] = a.load(p, g)
-        return a
+        home = self._homes(values)
+        times = p.as_lists[0]
+        groups = _GroupLoads(p, Assignment(size_of, members))
+        for i in sorted(home, key=lambda i: -times[i][home[i]]):
+            sizes = [home[i]] if home[i] in groups.heaps else [k for k in groups.heaps if p.fits(i, k)]
+            # Its size has no group after all: any group that holds it, the one that finishes it first.
+            k = min(sizes, key=lambda k: (groups.heaps[k][0][0] + times[i][k], groups.heaps[k][0][1]))
+            groups.add(i, k)
+        return groups.a
+
+
+class _GroupLoads:
+    """The groups of an assignment in one heap per size, least loaded first, as sequences are added."""
+
+    def __init__(self, problem: Problem, a: Assignment):
+        self.p, self.a = problem, a
+        self.work = [float(problem.times[m, k].sum()) for m, k in zip(a.members, a.size_of, strict=True)]
+        self.tokens = [float(problem.lengths[m].sum()) for m in a.members]
+        self.heaps: dict[int, list[tuple[float, int]]] = {}
+        for g, k in enumerate(a.size_of):
+            self.heaps.setdefault(k, []).append((self._load(g), g))
+        for heap in self.heaps.values():
+            heapq.heapify(heap)
+
+    def _load(self, g: int) -> float:
+        k = self.a.size_of[g]
+        batches = math.ceil(self.tokens[g] / self.p.holds[k]) if self.tokens[g] else 0
+        return self.work[g] + self.p.model.microbatch_overhead * batches
+
+    def add(self, i: int, k: int) -> None:
+        """Sequence i to the least-loaded group of size k."""
+        _, g = self.heaps[k][0]
+        self.a.members[g].append(i)
+        self.work[g] += self.p.as_lists[0][i][k]
+        self.tokens[g] += self.p.as_lists[1][i]
+        heapq.heapreplace(self.heaps[k], (self._load(g), g))
 
 
 class _Rows:
@@ -567,15 +630,23 @@ def _minus(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
 # -- one step -------------------------------------------------------------------------------------------------
 
 
+POLISH_WITHIN = 0.1
+"""Polish only the greedy plans within this fraction of the best one: polishing moves a plan by about
+1% (a few % at most), never enough to lift a plan from further behind, and at 512 ranks polishing all
+of them took most of the planner's time."""
+
+
 def greedy_candidates(problem: Problem, lower: float) -> list[Assignment]:
-    """Every homogeneous plan, and the mixed plan of greedy_bisection, each polished."""
+    """Every homogeneous plan and the mixed plans of greedy_bisection; those close to the best, polished."""
     found = [a for k in range(len(problem.sizes)) if (a := greedy_homogeneous(problem, k)) is not None]
     upper = min(a.makespan(problem) for a in found) if found else _largest_fitting_limit(problem)
     for wide_first in (False, True):
         mixed = greedy_bisection(problem, lower, upper, wide_first)
         if mixed is not None:
             found.append(mixed)
-    return [polish(problem, a) for a in found]
+    times = [a.makespan(problem) for a in found]
+    best = min(times)
+    return [polish(problem, a) for a, t in zip(found, times, strict=True) if t <= best * (1 + POLISH_WITHIN)]
 
 
 def _largest_fitting_limit(problem: Problem) -> float:
@@ -586,6 +657,11 @@ def _largest_fitting_limit(problem: Problem) -> float:
 MIP_STOP_FRACTION = 0.9
 """The MIP stops this fraction of planner.time_limit_s after the start, keeping back the rest of the budget for
 polishing its plan and packing micro-batches."""
+MIP_SETUP_RATIO = 2.0
+"""The MIP starts only when the time left is this many times what the greedy plans took: building and
+decoding its model grows with the batch as the greedy construction does, about 1.5x its time, and its
+time limit bounds only the solve. At 512 ranks and 4,096 sequences the MIP would otherwise double the
+planner's latency."""
 
 
 def plan_step(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: CostModel, config: PlannerConfig) -> Plan:
@@ -599,7 +675,7 @@ def plan_step(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: Cost
     # Reported apart from the total: the MIP's share is capped by the time limit, this share is not.
     first_plan_seconds = time.perf_counter() - began
     left = config.time_limit_s * MIP_STOP_FRACTION - first_plan_seconds
-    if best.makespan(problem) > lower * (1 + config.mip_gap) and left > 0.02:
+    if best.makespan(problem) > lower * (1 + config.mip_gap) and left > max(0.02, MIP_SETUP_RATIO * first_plan_seconds):
         mip = solve_mip(problem, best, replace(config, time_limit_s=left))
         lower = max(lower, mip.bound)
         if mip.assignment is not None:
@@ -607,6 +683,19 @@ def plan_step(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: Cost
             if found.makespan(problem) < best.makespan(problem):
                 best, method = found, f"mip-{_status_word(mip.status)}"
     return _assemble(best, problem, lower, method, time.perf_counter() - began, first_plan_seconds)
+
+
+def homogeneous_plan(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: CostModel, degree: int) -> Plan:
+    """One sequence-parallel degree for the whole step (the static baseline): groups of `degree`
+    ranks, each sequence, longest first, to the least-loaded group."""
+    lengths = check_lengths(lengths, cluster, model)
+    problem = make_problem(lengths, cluster, model)
+    if degree not in problem.sizes:
+        raise PlanError(f"degree {degree} is not a group size of {cluster.ranks} ranks (sizes {problem.sizes})")
+    found = greedy_homogeneous(problem, problem.sizes.index(degree))
+    if found is None:
+        raise PlanError(f"degree {degree} cannot hold this batch's longest sequence or does not divide the ranks")
+    return _assemble(found, problem, fluid_lower_bound(problem), f"degree-{degree}", 0.0, 0.0)
 
 
 def _status_word(status: str) -> str:
