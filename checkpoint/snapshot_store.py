@@ -562,11 +562,20 @@ def unlink_segments(job: str, node: int) -> int:
 
 
 def _release(segment: Segment) -> None:
-    segment.shm.close()
+    """Free a segment's name, then unmap it. The name first: a view still exported (a reply
+    gRPC has not let go of yet, as a daemon stops) keeps the mapping alive until it is dropped
+    or the process exits, but never keeps the memory past that."""
     try:
         segment.shm.unlink()
     except FileNotFoundError:
         pass
+    try:
+        segment.shm.close()
+    except BufferError:
+        _STILL_VIEWED.append(segment.shm)  # unmapped at exit; collected now, it would retry and complain
+
+
+_STILL_VIEWED: list[shared_memory.SharedMemory] = []
 
 
 class MappedSegment:

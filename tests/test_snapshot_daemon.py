@@ -235,6 +235,20 @@ def test_dropped_segments_serve_later_steps_and_give_way_to_the_memory_limit():
     assert segments_of(job) == []
 
 
+def test_a_store_closed_while_a_view_of_a_segment_is_alive_still_frees_every_segment():
+    """A daemon stops while something still holds a view of one of its segments (a reply gRPC
+    has not dropped yet): every segment's name is freed regardless, not just those before it."""
+    job, page = unique_job(), 4096
+    store = SnapshotStore(job, 0, [0, 1], memory_limit=4 * page)
+    for rank in (0, 1):
+        store.reserve(1, rank, page)
+    held = np.frombuffer(store.steps[1].segments[0].shm.buf, np.uint8)  # an export of the mapping
+    store.close()
+    assert segments_of(job) == []
+    held[:] = 7  # the mapping itself lives on with its view
+    del held
+
+
 def test_bad_requests_get_a_status_naming_the_problem(daemon):
     client = daemon.client()
     cases = [
