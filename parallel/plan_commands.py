@@ -3,10 +3,13 @@
     stalwart plan --lengths FILE --ranks 64                 # one length per line, or a JSON list
     stalwart plan --corpus data/stdlib --ranks 64 --sequences 512 --clip 131072
     stalwart plan --workload wikipedia --ranks 64 --png plan.png --baselines
+    stalwart plan --run runs/long-context                    # a run's plans: estimated against measured
 
 Prints the groups (ranks, size, whether they span nodes, micro-batches, sequences, time), then
 the step's estimate, the proven lower bound, the imbalance and, with --baselines, what one
 sequence-parallel degree and megatron-core's BalancedCPScheduler would take on the same batch.
+With --run, the planned steps of a run instead: each step's groups, the plan's estimate, the
+measured step time and the estimate's error, so that a cost model that is wrong shows.
 Exit codes: 0 planned, 2 bad input (named on stderr).
 """
 
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--lengths", metavar="FILE", help="sequence lengths: one per line, or a JSON list")
     source.add_argument("--corpus", metavar="DATASET", help="draw documents from a `stalwart data prepare` dataset")
     source.add_argument("--workload", choices=["wikipedia"], help="draw from a synthetic length distribution")
-    parser.add_argument("--ranks", type=int, required=True, help="data-parallel ranks to split into groups")
+    source.add_argument("--run", metavar="RUN_DIR", help="a run's planned steps: estimated against measured")
+    parser.add_argument("--ranks", type=int, help="data-parallel ranks to split into groups (not with --run)")
     parser.add_argument("--ranks-per-node", type=int, default=PlannerConfig.ranks_per_node)
     parser.add_argument("--profile", default=PlannerConfig.profile, help="cost-model profile: a file or a name")
     parser.add_argument("--tokens-per-rank", type=int, help="memory per rank in tokens (default: the profile's)")
@@ -46,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from parallel.planner import plan_step
     from parallel.workloads import WorkloadError
 
+    if args.run:
+        return show_run(args.run, args.json)
     try:
+        if args.ranks is None:
+            raise PlanError("--ranks is required to plan a batch")
         config = PlannerConfig(
             profile=args.profile,
             tokens_per_rank=args.tokens_per_rank,
@@ -74,6 +82,40 @@ def run(args: argparse.Namespace) -> int:
     if args.png:
         draw_plan(plan, lengths, cluster, model, args.png)
         print(f"wrote {args.png}")
+    return 0
+
+
+def show_run(run_dir: str, as_json: bool) -> int:
+    """The planner's estimate against the measured time of each planned step of a run."""
+    from pathlib import Path
+
+    from trainer.metrics import planned_steps, read_metrics
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        print(f"stalwart plan: error: {path} does not exist: is {run_dir} a run directory?", file=sys.stderr)
+        return 2
+    records = read_metrics(path)
+    steps = planned_steps(records)
+    if not steps:
+        print(f"stalwart plan: error: {path} has no planned steps (planner.enabled was off?)", file=sys.stderr)
+        return 2
+    groups = {r["step"]: r["plan_groups"] for r in records if "plan_groups" in r}
+    rows = [
+        {"step": s, "groups": groups.get(s, ""), "estimated_s": e, "measured_s": m, "error": (e - m) / m}
+        for s, e, m in steps
+    ]
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'step':>6}  {'groups':<24}{'estimated s':>12}{'measured s':>12}{'error':>9}")
+    for r in rows:
+        print(f"{r['step']:>6}  {r['groups']:<24}{r['estimated_s']:>12.3f}{r['measured_s']:>12.3f}{r['error']:>+9.0%}")
+    errors = [r["error"] for r in rows]
+    print(
+        f"\n{len(rows)} planned steps (each attempt's first left out): the estimate is off by "
+        f"{sum(errors) / len(errors):+.0%} on average, {sum(map(abs, errors)) / len(errors):.0%} in absolute value"
+    )
     return 0
 
 
@@ -178,9 +220,29 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokens-per-rank", type=int, default=None, help="tokens one rank can hold (default: the most it measured)"
     )
     parser.add_argument("--description", default=None, help="a line about the machine, kept in the profile's notes")
+    parser.add_argument(
+        "--config",
+        help="time training steps of this run config's own model (its layers, attention over documents, "
+        "optimizer) instead of the generic layer stack; tokens per rank come from the config",
+    )
+    parser.add_argument("--ranks", type=int, default=2, help="with --config: ranks to time on, one core each")
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    if args.config:
+        return _profile_training_steps(args)
     from parallel.profiler import run_profile
 
     return run_profile(args)
+
+
+def _profile_training_steps(args: argparse.Namespace) -> int:
+    """trainer/step_profile.py on `--ranks` ranks, one thread each."""
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}"]
+    command += ["-m", "trainer.step_profile", args.config, args.out] + (["--quick"] if args.quick else [])
+    # As `stalwart run` starts its ranks: megatron-core's warnings that Apex and TE are absent say nothing on CPU.
+    env = {"PYTHONWARNINGS": "ignore", **os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env).returncode

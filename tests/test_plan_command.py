@@ -90,3 +90,11 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, content, args, mes
     assert main(["plan", "--lengths", str(lengths), "--ranks", "8", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1
+
+
+def test_plan_run_names_a_directory_without_metrics_or_plans(tmp_path, capsys):
+    assert main(["plan", "--run", str(tmp_path / "missing")]) == 2
+    assert "missing/metrics.jsonl does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0, "step_time_s": 1.0}) + "\n")
+    assert main(["plan", "--run", str(tmp_path)]) == 2
+    assert "has no planned steps" in capsys.readouterr().err

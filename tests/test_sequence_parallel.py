@@ -3,16 +3,20 @@ plans change where documents run, never what the model learns."""
 
 import json
 import shutil
+import sys
 from functools import partial
 
 import pytest
 import torch
+import yaml
 
+from launcher.cli import main
+from parallel.cost_model import load_profile
 from parallel.plan import Group
-from tests.conftest import torchrun
+from tests.conftest import REPO, rank_env, run_command, torchrun, write_tiny_config
 from tests.sequence_worker import LENGTHS, PLANS, VOCAB, capture_grads, documents, exactness_config, named
 from tests.test_documents import documents_run
-from trainer.metrics import read_metrics
+from trainer.metrics import plan_error, planned_steps, read_metrics
 from trainer.packing import rank_micro_batches
 from trainer.step import TrainStep
 
@@ -50,6 +54,7 @@ def test_every_plan_gives_the_loss_gradients_and_update_of_each_document_alone(t
             assert error <= 1e-5, f"plan [{plan}]: {what} differs from each document alone by {error:.2e} (relative)"
 
 
+DOCUMENTS_ON_GROUPS = ("data.packing=documents", "planner.enabled=true", "train.max_seq_length=256")
 PLANNED = ("planner.enabled=true", "planner.profile=cpu-2core", "train.max_seq_length=256")
 """Documents of up to 256 tokens on ranks that hold 128 each: the longer ones need a group of 2.
 The time limit is far above what these small plans need, so the solver always finishes and a
@@ -58,7 +63,7 @@ SOLVER_FINISHES = "planner.time_limit_s=30"
 
 
 @pytest.mark.timeout(900)
-def test_planned_runs_learn_what_one_rank_learns_and_resume_bit_exactly(tmp_path, small_dataset):
+def test_planned_runs_learn_what_one_rank_learns_and_resume_bit_exactly(tmp_path, small_dataset, capsys):
     one_rank = documents_run(tmp_path, small_dataset, "one", 1, "train.max_seq_length=256", "train.micro_batch_size=4")
     planned = documents_run(tmp_path, small_dataset, "planned", 2, *PLANNED, SOLVER_FINISHES)
     assert planned.keys() == one_rank.keys()
@@ -67,6 +72,12 @@ def test_planned_runs_learn_what_one_rank_learns_and_resume_bit_exactly(tmp_path
     records = read_metrics(tmp_path / "planned" / "metrics.jsonl")
     assert all(r["plan_estimate_s"] > 0 for r in records if "loss" in r and "step_time_s" in r)
     assert any("2" in r["plan_groups"].split(",") for r in records if "plan_groups" in r)
+    assert (tmp_path / "planned" / "plan.png").stat().st_size > 0
+    # `stalwart plan --run`: each planned step's estimate against its measured time.
+    assert main(["plan", "--run", str(tmp_path / "planned"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["estimated_s"], r["measured_s"]) for r in shown] == planned_steps(records)
+    assert [r["step"] for r in shown] == sorted(planned)[1:]  # all but the first, which warms up
 
     every_second = ("checkpoint.interval=2", "checkpoint.keep=10")
     documents_run(tmp_path, small_dataset, "resumed", 2, *PLANNED, SOLVER_FINISHES, *every_second, "train.steps=2")
@@ -80,3 +91,32 @@ def test_planned_runs_learn_what_one_rank_learns_and_resume_bit_exactly(tmp_path
     )
     for step in (3, 4):
         assert narrower[step] == pytest.approx(one_rank[step], rel=1e-5), step
+
+
+def test_the_planners_error_is_measured_on_every_planned_step_but_each_attempts_first():
+    records = [
+        {"step": 1, "plan_estimate_s": 1.0, "step_time_s": 3.0},  # warming up
+        {"step": 2, "plan_estimate_s": 1.0, "step_time_s": 2.0},
+        {"step": 2, "val_loss": 5.0},
+        {"step": 3, "plan_estimate_s": 1.5, "step_time_s": 1.0},
+        {"step": 3, "plan_estimate_s": 1.0, "step_time_s": 9.0},  # restarted at step 3
+        {"step": 4, "plan_estimate_s": 1.0, "step_time_s": 1.0},
+    ]
+    assert planned_steps(records) == [(2, 1.0, 2.0), (3, 1.5, 1.0), (4, 1.0, 1.0)]
+    assert plan_error(records) == pytest.approx((-0.5 + 0.5 + 0.0) / 3)
+    assert plan_error([{"step": 1, "loss": 3.0, "step_time_s": 1.0}]) is None
+
+
+@pytest.mark.timeout(600)
+def test_a_profile_is_fitted_from_the_trainers_own_steps(tmp_path, small_dataset):
+    """`stalwart plan-profile --config`: the cost model timed on the config's own model and attention."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run", small_dataset, *DOCUMENTS_ON_GROUPS)
+    out = tmp_path / "mine.yaml"
+    command = [sys.executable, "-m", "launcher.cli", "plan-profile", "--config", str(config), "--out", str(out)]
+    result = run_command([*command, "--quick"], 500, env=rank_env(2), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_profile(out)
+    assert model.tokens_per_rank == 128  # train.seq_length x train.micro_batch_size
+    fitted = yaml.safe_load(out.read_text())["notes"]["fitted_on"]
+    assert {p["d"] for p in fitted} == {1, 2} and all(p["measured_ms"] > 0 for p in fitted)
+    assert all(model.group_time([p["s"]], p["d"]) > 0 for p in fitted)

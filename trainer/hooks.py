@@ -14,7 +14,7 @@ from pathlib import Path
 
 from checkpoint.manager import Checkpointer
 from parallel.errors import any_rank
-from trainer.metrics import MetricsLog, Progress, plot_losses, run_summary
+from trainer.metrics import MetricsLog, Progress, plot_losses, plot_plan_estimates, run_summary
 
 
 class Hook:
@@ -123,6 +123,7 @@ class MetricsHook(Hook):
     def at_end(self, step: int) -> None:
         self.close()
         plot_losses(self.log.path, self.run_dir / "loss.png")
+        plot_plan_estimates(self.log.path, self.run_dir / "plan.png")
         seconds = time.monotonic() - self.started
         checkpoint = self.newest_checkpoint()
         print(run_summary(self.start_step, self.last, self.last_eval, seconds, self.run_dir, checkpoint), flush=True)

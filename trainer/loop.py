@@ -92,18 +92,20 @@ class RunState:
     def __init__(self, config: Config, sampler: GlobalBatchSampler):
         self.config, self.sampler = config, sampler
         self.step = 0
+        self.consumed_tokens = 0
+        """Tokens trained on (predicted) so far."""
 
     def state_dict(self) -> dict:
-        sampler = self.sampler.state_dict()
         return {
             "step": self.step,
-            "sampler": sampler,
-            "consumed_tokens": sampler["consumed_samples"] * self.config.train.seq_length,
+            "sampler": self.sampler.state_dict(),
+            "consumed_tokens": self.consumed_tokens,
             "config": to_dict(self.config),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.consumed_tokens = int(state["consumed_tokens"])
         self.sampler.load_state_dict(state["sampler"])
 
 
@@ -253,7 +255,9 @@ class Trainer:
         result = self.step_fn.train(batches, before_update=before_update)
         elapsed = time.perf_counter() - start
         self.run.step += 1
-        tokens_per_s = data.train.tokens_in(batch) / elapsed
+        tokens = data.train.tokens_in(batch)
+        self.run.consumed_tokens += tokens
+        tokens_per_s = tokens / elapsed
         memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
         return (
             memory

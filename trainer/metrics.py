@@ -141,28 +141,73 @@ def run_summary(
             loss += f", validation loss {last_eval['val_loss']:.4f} at step {last_eval['step']}"
         lines.append(f"stalwart: {loss}")
     lines.append(f"stalwart: metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'loss.png'}")
+    error = plan_error(read_metrics(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else None
+    if error is not None:
+        lines.append(
+            f"stalwart: the planner's estimate of a step was off by {error:+.0%} on average "
+            f"(measured against estimated step times: {run_dir / 'plan.png'})"
+        )
     lines.append(f"stalwart: newest checkpoint {checkpoint if checkpoint else '(none saved)'}")
     return "\n".join(lines)
 
 
+def planned_steps(records: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, estimated, measured seconds) of the planned steps, leaving out each attempt's
+    first step, which also pays for warming up."""
+    steps, previous = [], None
+    for r in records:
+        if "plan_estimate_s" not in r or "step_time_s" not in r:
+            continue
+        if previous is not None and r["step"] > previous:  # a restart begins again at or before the last step
+            steps.append((r["step"], r["plan_estimate_s"], r["step_time_s"]))
+        previous = r["step"]
+    return steps
+
+
+def plan_error(records: list[dict]) -> float | None:
+    """The mean of (estimated - measured) / measured over the planned steps; None if there are none."""
+    steps = planned_steps(records)
+    if not steps:
+        return None
+    return sum((estimated - measured) / measured for _, estimated, measured in steps) / len(steps)
+
+
+def plot_plan_estimates(metrics_path: Path, out_path: Path) -> Path | None:
+    """The planner's estimated step time against the measured one, as a PNG; None without plans."""
+    steps = planned_steps(read_metrics(metrics_path))
+    if not steps:
+        return None
+    lines = [
+        ("measured", [(s, m) for s, _, m in steps], "-"),
+        ("planner's estimate", [(s, e) for s, e, _ in steps], "-"),
+    ]
+    return _plot_lines(lines, "step time (s)", f"{metrics_path.parent.name}: planned step times", out_path)
+
+
 def plot_losses(metrics_path: Path, out_path: Path) -> Path:
     """Training and validation loss against step, as a PNG."""
+    records = read_metrics(metrics_path)
+    lines = [
+        ("train loss", [(r["step"], r["loss"]) for r in records if "loss" in r], "-"),
+        ("validation loss", [(r["step"], r["val_loss"]) for r in records if "val_loss" in r], "o-"),
+    ]
+    return _plot_lines(lines, "cross-entropy (nats/token)", metrics_path.parent.name, out_path)
+
+
+def _plot_lines(lines: list[tuple[str, list[tuple[int, float]], str]], ylabel: str, title: str, out_path: Path) -> Path:
+    """(label, [(step, value)], matplotlib format) lines against the step, as a PNG; empty lines left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
-    if valid:
-        ax.plot([s for s, _ in valid], [v for _, v in valid], "o-", label="validation loss")
+    for label, points, style in lines:
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label, linewidth=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(metrics_path.parent.name)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
