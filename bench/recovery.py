@@ -47,7 +47,7 @@ def write_config(path: Path, data: Path, run_dir: Path, model: dict, **sections)
         "run": {"dir": str(run_dir), "precision": "fp32", "progress": False},
         "model": {**model, "num_query_groups": 2},
         "train": {"seq_length": 128, "global_batch_tokens": 2048, "micro_batch_size": 4, "eval_interval": 0},
-        "data": {"path": str(data)},
+        "data": {"path": str(data), "packing": "concat"},
         "checkpoint": {"interval": 0},
     }
     for section, values in sections.items():

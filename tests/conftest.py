@@ -40,6 +40,7 @@ TINY_CONFIG = {
         "eval_batches": 1,
     },
     "optim": {"lr": 1.0e-3, "warmup_steps": 2},
+    "data": {"packing": "concat"},
 }
 
 

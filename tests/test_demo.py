@@ -77,3 +77,32 @@ def test_demo_checkpoints_and_stalwart_run_resumes_from_them(demo_run):
     ), result.stdout[-2000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 311))
+
+
+def test_the_long_context_demo_learns_checkpoints_and_resumes_on_one_rank_without_the_planner(demo_run, report):
+    """configs/long-context.yaml (documents of up to 8K tokens on 2 ranks of 4K, the planner on),
+    shortened; then its checkpoint resumed on one rank holding 8K, the planner off."""
+    workdir = demo_run[0].parent.parent  # the demo prepared data/stdlib there
+    stalwart = shutil.which("stalwart", path=str(Path(sys.executable).parent)) or shutil.which("stalwart")
+    short = ["train.steps=8", "train.eval_interval=0", "checkpoint.interval=8"]
+    start = time.monotonic()
+    command = [stalwart, "run", "configs/long-context.yaml", *(f"--set={s}" for s in short)]
+    result = run_command(command, timeout=1200, env=rank_env(2), cwd=workdir)
+    report(f"the long-context demo, 8 steps of 16K tokens on 2 ranks, took {time.monotonic() - start:.0f} s")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = workdir / "runs" / "long-context"
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    losses = [r["loss"] for r in records]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.3, f"mean loss of steps 1-2 {first:.3f}, of steps 7-8 {last:.3f}"
+    # 8K-token documents run on a group of both ranks.
+    assert any("2" in r["plan_groups"].split(",") for r in records), [r["plan_groups"] for r in records]
+
+    alone = ["planner.enabled=false", "parallel.dp=1", "train.micro_batch_size=2", "train.steps=9"]
+    command = [stalwart, "run", "configs/long-context.yaml", *(f"--set={s}" for s in short[1:] + alone)]
+    result = run_command(command, timeout=900, env=rank_env(1), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "restored step 8 from disk" in result.stdout, result.stdout[-2000:]
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps[-1:] == [9]

@@ -61,7 +61,7 @@ def test_no_document_sees_another_and_each_reads_as_if_alone(single_rank):
 
     # And the stock model (megatron's rotary embedding and attention) on a document alone agrees:
     # the same weights, by name and seed, read the same document the same way.
-    [stock] = build_model_chunks(Config(model=MODEL), single_rank, VOCAB)
+    [stock] = build_model_chunks(Config(model=MODEL, data=DataConfig(packing="concat")), single_rank, VOCAB)
     stock.eval()
     for doc, packed in zip(docs, together, strict=True):
         tokens = torch.from_numpy(doc[:-1]).unsqueeze(0)

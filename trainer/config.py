@@ -180,7 +180,7 @@ class DataConfig:
     """Vocabulary of the tokenizer trained when preparing from `sources`."""
     valid_fraction: float = 0.01
     """Share of documents held out for validation when preparing."""
-    packing: Literal["concat", "documents"] = "concat"
+    packing: Literal["concat", "documents"] = "documents"
     """How training samples are cut: `concat` cuts the documents, back to back, into windows of
     train.seq_length tokens (attention crosses documents); `documents` makes each document a
     sample (pieces of train.max_seq_length tokens when longer) and packs whole documents into
