@@ -14,7 +14,7 @@ from parallel import cpu_compat
 from parallel.config import ParallelConfig
 from parallel.dims import build_parallel_dims, destroy_parallel_dims
 from tests.conftest import REPO, rank_env, run_command
-from trainer.config import Config, ModelConfig, OptimConfig, TrainConfig
+from trainer.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from trainer.step import TrainStep
 
 
@@ -142,7 +142,10 @@ def main_grads_norm(step: TrainStep) -> float:
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["plain_optimizer", "distributed_optimizer"])
 def test_a_real_step_clips_the_right_norm_without_swapping_tensor_type(tmp_path, distributed_optimizer):
-    config = Config(model=TINY_MODEL, train=TrainConfig(seq_length=SEQ), optim=OptimConfig(clip_grad=CLIP))
+    windows = DataConfig(packing="concat")  # the micro-batches below are windows of one token stream
+    config = Config(
+        model=TINY_MODEL, train=TrainConfig(seq_length=SEQ), optim=OptimConfig(clip_grad=CLIP), data=windows
+    )
     micro_batches = [np.random.default_rng(i).integers(0, VOCAB, size=(2, SEQ + 1)) for i in range(2)]
     norms = []
     with one_rank(tmp_path, distributed_optimizer) as dims, watching_tensor_type() as watch:

@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from trainer.config import ModelConfig
 
 # Dense bf16 peak TFLOP/s per GPU from the vendors' data sheets (without sparsity).
@@ -32,6 +30,8 @@ def peak_flops_per_device(configured_tflops: float | None) -> float:
     """FLOP/s one device can do: configured, looked up for known GPUs, or measured on the CPU."""
     if configured_tflops:
         return configured_tflops * 1e12
+    import torch  # here, not above: `stalwart plan --run` reads metrics and should answer at once
+
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, tflops in _GPU_PEAK_TFLOPS.items():
@@ -42,6 +42,8 @@ def peak_flops_per_device(configured_tflops: float | None) -> float:
 
 
 def _measured_cpu_matmul_flops(n: int = 512, repeats: int = 8) -> float:
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     start = time.perf_counter()
