@@ -212,9 +212,19 @@ def make_code(k: int, m: int, threads: int = 1) -> Code:
     return XorCode(k, threads) if m == 1 else Code(k, m, threads)
 
 
+XOR_ALIGN = 32
+"""ISA-L's xor_gen loads and stores with aligned vector instructions: every block must start at
+a multiple of 32 bytes, or the process dies of a segmentation fault."""
+
+
 def _xor_into(out: np.ndarray, blocks: list[np.ndarray]) -> None:
     if len(blocks) == 1:
         np.copyto(out, blocks[0])
+        return
+    if any(b.ctypes.data % XOR_ALIGN for b in [*blocks, out]):
+        np.bitwise_xor(blocks[0], blocks[1], out=out)
+        for block in blocks[2:]:
+            np.bitwise_xor(out, block, out=out)
         return
     pointers = (_POINTER * (len(blocks) + 1))(*[_pointer(b, 0) for b in blocks], _pointer(out, 0))
     if _isal().xor_gen(len(blocks) + 1, out.size, pointers) != 0:
