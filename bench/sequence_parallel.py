@@ -54,33 +54,17 @@ LATENCY_BATCHES = {"quick": 5, "full": 20}
 
 def worker(dataset: str, batches: int, repeats: int, out: str) -> None:
     """Rank entry (under torchrun): fit the cost model, then time the plans of each batch."""
-    import torch
     import torch.distributed as dist
 
-    from launcher.cli import quiet_megatron_fallback_warnings
-
-    quiet_megatron_fallback_warnings()
-    from parallel.dims import build_parallel_dims, init_distributed
     from parallel.planner import homogeneous_plan
-    from parallel.profiler import fit
     from trainer.config import load_config
-    from trainer.data import DocumentSamples, GlobalBatchSampler, read_dataset_info
-    from trainer.step import TrainStep
-    from trainer.step_profile import default_points, time_points, timed_step
+    from trainer.data import DocumentSamples, GlobalBatchSampler
+    from trainer.step_profile import profile_training_steps, timed_step
 
-    torch.set_num_threads(1)
-    config = load_config(CONFIG, [f"data.path={dataset}", "run.precision=fp32"])
-    init_distributed(config.parallel)
-    dp = dist.get_world_size()
-    dims = build_parallel_dims(config.parallel, config.train.seed, config.largest_sequence_group(dp))
+    overrides = [f"data.path={dataset}"]
+    step, dims, measurements, model = profile_training_steps(str(CONFIG), overrides, repeats < 3, repeats, "bench")
+    config, dp = load_config(CONFIG, overrides), dims.dp
     samples = DocumentSamples(dataset, "train", config.train.longest_sample)
-    vocab = read_dataset_info(dataset).vocab_size
-    step = TrainStep(config, dims, vocab)
-    capacity = config.train.micro_batch_tokens
-    points = default_points(capacity, config.largest_sequence_group(dp), quick=repeats < 3)
-    measurements = time_points(step, dims, vocab, points, repeats)
-    model = fit(measurements, capacity, name="bench")
-
     cluster = Cluster(dp, dp, config.largest_sequence_group(dp))
     sampler = GlobalBatchSampler(len(samples), config.train.global_batch_tokens, SEED, costs=samples.costs)
     degrees = [d for d in cluster.group_sizes() if config.train.longest_sample <= d * config.train.micro_batch_tokens]

@@ -76,7 +76,12 @@ def default_points(capacity: int, widest: int, quick: bool) -> list[tuple[int, i
     return points
 
 
-def main(argv: list[str]) -> int:
+def profile_training_steps(
+    config_path: str, overrides: Sequence[str], quick: bool, repeats: int, name: str
+) -> tuple[TrainStep, ParallelDims, list[Measurement], CostModel]:
+    """On every rank: the config's model in the planner's setting (documents on groups of
+    data-parallel ranks, one thread per rank, fp32 on CPU), timed at the default points and
+    fitted; the step is returned for more timing."""
     from launcher.cli import quiet_megatron_fallback_warnings
 
     quiet_megatron_fallback_warnings()
@@ -84,21 +89,23 @@ def main(argv: list[str]) -> int:
     from trainer.config import load_config
     from trainer.data import read_dataset_info
 
-    config_path, out, quick = argv[0], Path(argv[1]), "--quick" in argv[2:]
     torch.set_num_threads(1)
-    # The planner's setting: documents on groups of data-parallel ranks, one rank per core, fp32 on CPU.
     planned = ["data.packing=documents", "planner.enabled=true", "parallel.tp=1", "parallel.pp=1", "parallel.dp=null"]
-    config = load_config(config_path, [*planned, "run.precision=fp32"])
+    config = load_config(config_path, [*planned, "run.precision=fp32", *overrides])
     init_distributed(config.parallel)
-    dp = dist.get_world_size()
-    dims = build_parallel_dims(config.parallel, config.train.seed, config.largest_sequence_group(dp))
+    widest = config.largest_sequence_group(dist.get_world_size())
+    dims = build_parallel_dims(config.parallel, config.train.seed, widest)
     vocab = config.model.vocab_size or read_dataset_info(config.data.path).vocab_size
     step = TrainStep(config, dims, vocab)
     capacity = config.train.micro_batch_tokens
-    points = default_points(capacity, config.largest_sequence_group(dp), quick)
-    measured = time_points(step, dims, vocab, points, repeats=2 if quick else 3)
+    measured = time_points(step, dims, vocab, default_points(capacity, widest, quick), repeats)
+    return step, dims, measured, fit(measured, capacity, name=name)
+
+
+def main(argv: list[str]) -> int:
+    config_path, out, quick = argv[0], Path(argv[1]), "--quick" in argv[2:]
+    _, dims, measured, model = profile_training_steps(config_path, [], quick, 2 if quick else 3, out.stem)
     if dims.rank == 0:
-        model = fit(measured, capacity, name=out.stem)
         notes = {
             "method": "trainer.step_profile: training steps of the config's model (megatron-core layers, the "
             "attention over documents, gradient reduction, optimizer), one thread per rank, gloo on loopback",
