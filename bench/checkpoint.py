@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launcher.cli import quiet_megatron_fallback_warnings  # noqa: E402
+from parallel.megatron_import import prepare_megatron_import  # noqa: E402
 
-quiet_megatron_fallback_warnings()
+prepare_megatron_import()
 
 INTERVAL = 10
 LOAD_REPEATS = 12

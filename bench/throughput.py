@@ -28,9 +28,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launcher.cli import quiet_megatron_fallback_warnings  # noqa: E402
+from parallel.megatron_import import prepare_megatron_import  # noqa: E402
 
-quiet_megatron_fallback_warnings()
+prepare_megatron_import()
 from trainer.config import load_config  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 from trainer.prepare import prepare_dataset, stdlib_source_dir  # noqa: E402

@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
+from parallel.megatron_import import quiet_fallback_warnings
 from trainer.schema import ConfigError
-
-
-def quiet_megatron_fallback_warnings() -> None:
-    """megatron-core warns at import that Apex/TE are absent; on CPU that is the expected state."""
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -187,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_megatron_fallback_warnings()
+    quiet_fallback_warnings()
     from trainer.errors import DataError
 
     try:

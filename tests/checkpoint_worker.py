@@ -6,15 +6,19 @@ array), then train the remaining steps.
 usage: torchrun ... tests/checkpoint_worker.py CONFIG SOURCE_CKPT_STEP_DIR OUT NAME=K=V,K=V ...
 """
 
-import shutil
-import sys
-from pathlib import Path
+from parallel.megatron_import import prepare_megatron_import
 
-import torch.distributed as dist
+prepare_megatron_import()  # before megatron-core's first import: 3.5 s less per rank
 
-from parallel.dims import init_distributed
-from trainer.config import load_config
-from trainer.loop import Trainer
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from parallel.dims import init_distributed  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -1,14 +1,18 @@
 """Rank entry for the error tests: rank 1 alone cannot see the dataset (as when a node lacks a mount)."""
 
-import sys
+from parallel.megatron_import import prepare_megatron_import
 
-import torch.distributed as dist
+prepare_megatron_import()  # before megatron-core's first import: 3.5 s less per rank
 
-from parallel.dims import init_distributed
-from parallel.errors import RankFailed, on_all_ranks
-from trainer.config import load_config
-from trainer.errors import DataError
-from trainer.loop import open_data
+import sys  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from parallel.dims import init_distributed  # noqa: E402
+from parallel.errors import RankFailed, on_all_ranks  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.errors import DataError  # noqa: E402
+from trainer.loop import open_data  # noqa: E402
 
 
 def main() -> int:

@@ -88,6 +88,31 @@ def test_install_refuses_an_untested_megatron_before_patching_anything():
     assert outcome["layers_see_torch"], "install() patched megatron before checking the version"
 
 
+def test_megatron_imports_without_the_compiler_and_a_deferred_kernel_still_compiles_on_first_call():
+    """prepare_megatron_import: megatron-core's torch.compile decorators no longer set up
+    TorchDynamo at import, and what they decorate compiles when first called (a fresh process:
+    the compiler is loaded in this one)."""
+    script = (
+        "import json, sys\n"
+        "from parallel.megatron_import import prepare_megatron_import\n"
+        "prepare_megatron_import()\n"
+        "import torch\n"
+        "import megatron.core.transformer, megatron.core.fusions.fused_bias_swiglu\n"
+        "at_import = 'torch._dynamo' in sys.modules\n"
+        "double = torch.compile(lambda x: x * 2, backend='eager')\n"
+        "before_call = 'torch._dynamo' in sys.modules\n"
+        "value = double(torch.ones(3)).tolist()\n"
+        "module = torch.compile(torch.nn.Linear(2, 2), backend='eager')\n"
+        "compiled = 'torch._dynamo' in sys.modules\n"
+        "print(json.dumps({'at_import': at_import, 'before_call': before_call, 'value': value,\n"
+        "                  'compiled': compiled, 'module': isinstance(module, torch.nn.Module)}))\n"
+    )
+    result = run_command([sys.executable, "-c", script], timeout=120, env=rank_env(1), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {"at_import": False, "before_call": False, "value": [2.0] * 3, "compiled": True, "module": True}
+
+
 # A step of a tiny model whose gradient norm (~O(1) at init) is far above CLIP, so clipping scales.
 TINY_MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2)
 VOCAB = 200

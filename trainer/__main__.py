@@ -9,8 +9,8 @@ import signal
 import sys
 
 from checkpoint.universal import CheckpointError
-from launcher.cli import quiet_megatron_fallback_warnings
 from parallel.errors import RankFailed
+from parallel.megatron_import import prepare_megatron_import
 from trainer.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_OK, EXIT_REQUEUE, DataError
 from trainer.schema import ConfigError
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     # `kill -USR2 LAUNCHER`: every rank prints where each of its threads is (for a run that hangs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    quiet_megatron_fallback_warnings()
+    prepare_megatron_import()
     trainer = None
     try:
         from trainer.config import load_config

@@ -82,9 +82,9 @@ def profile_training_steps(
     """On every rank: the config's model in the planner's setting (documents on groups of
     data-parallel ranks, one thread per rank, fp32 on CPU), timed at the default points and
     fitted; the step is returned for more timing."""
-    from launcher.cli import quiet_megatron_fallback_warnings
+    from parallel.megatron_import import prepare_megatron_import
 
-    quiet_megatron_fallback_warnings()
+    prepare_megatron_import()
     from parallel.dims import build_parallel_dims, init_distributed
     from trainer.config import load_config
     from trainer.data import read_dataset_info

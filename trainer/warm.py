@@ -14,10 +14,10 @@ import os
 import signal
 import sys
 
-from launcher.cli import quiet_megatron_fallback_warnings
+from parallel.megatron_import import prepare_megatron_import
 from parallel.processes import die_with_parent, name_process
 
-quiet_megatron_fallback_warnings()
+prepare_megatron_import()
 
 import torch  # noqa: E402
 
