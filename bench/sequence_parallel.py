@@ -82,7 +82,7 @@ def worker(dataset: str, batches: int, repeats: int, out: str) -> None:
         rows.append(
             {
                 "tokens": int(lengths.sum()),
-                "groups": ",".join(str(g.size) for g in box[0].groups),
+                "groups": box[0].describe(),
                 "estimated": {name: plan.estimated_time for name, plan in methods.items()},
                 "measured": measured,
             }

@@ -5,7 +5,12 @@ ranks into groups of power-of-two sizes, each aligned to a multiple of its size 
 their process groups can be created once at start-up. A group runs its sequences with
 Ulysses sequence parallelism over its ranks, packed into micro-batches of at most
 size x tokens_per_rank tokens, one after another. Groups meet only at the gradient
-all-reduce, so the step lasts as long as the slowest group.
+all-reduce, so a round lasts as long as its slowest group.
+
+A step may run in rounds, one after another, the ranks partitioned anew for each: the
+documents too long for one rank on wide groups first, then the rest on narrow ones, so that
+short documents do not pay a wide group's all-to-all only because a long one shares their
+step. The step lasts as long as its rounds together.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ class Cluster:
     largest_group: int | None = None
     """The largest group the model allows: a group splits each rank's attention heads, so it can
     be no larger than they allow (largest_group). None: no limit but the ranks."""
+    rounds: bool = True
+    """Whether a step may run in rounds that regroup the ranks. Pipelines may not: each stage
+    interleaves its micro-batches' forward and backward passes by their count (1F1B), so two
+    ranks with different counts could meet a shared group's collectives in different orders."""
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -71,6 +80,8 @@ class Group:
     """Ranks in the group, a power of two."""
     microbatches: tuple[tuple[int, ...], ...]
     """Indices into the step's lengths: the sequences of each micro-batch, packed in this order."""
+    round: int = 0
+    """The round of the step the group runs in; each round's groups partition the ranks."""
 
     @property
     def sequences(self) -> tuple[int, ...]:
@@ -80,7 +91,7 @@ class Group:
 @dataclass(frozen=True)
 class Plan:
     groups: tuple[Group, ...]
-    """A partition of the ranks, in rank order."""
+    """Each round's partition of the ranks, in rank order, rounds in the order they run."""
     estimated_time: float
     """Seconds the step takes under the cost model: the time of the slowest group."""
     lower_bound: float
@@ -91,6 +102,14 @@ class Plan:
     """Wall seconds until this plan was in hand."""
     first_plan_seconds: float = 0.0
     """Wall seconds until the greedy construction had a feasible plan, before the MIP began improving it."""
+
+    @property
+    def rounds(self) -> list[tuple[Group, ...]]:
+        return in_rounds(self.groups)
+
+    def describe(self) -> str:
+        """The group sizes, round by round: "2" or "2 | 1,1"."""
+        return " | ".join(",".join(str(g.size) for g in groups) for groups in self.rounds)
 
     @property
     def gap(self) -> float:
@@ -128,8 +147,14 @@ def group_time(group: Group, lengths: np.ndarray, model: CostModel, cluster: Clu
     return sum(model.group_time([int(lengths[i]) for i in mb], group.size, cross) for mb in group.microbatches)
 
 
+def in_rounds(groups: Sequence[Group]) -> list[tuple[Group, ...]]:
+    """The groups of each round, rounds in order."""
+    return [tuple(g for g in groups if g.round == r) for r in sorted({g.round for g in groups})]
+
+
 def plan_time(groups: Sequence[Group], lengths: np.ndarray, model: CostModel, cluster: Cluster) -> float:
-    return max((group_time(g, lengths, model, cluster) for g in groups), default=0.0)
+    """Each round lasts as long as its slowest group, and the rounds run one after another."""
+    return sum(max(group_time(g, lengths, model, cluster) for g in round_) for round_ in in_rounds(groups))
 
 
 def pack_microbatches(sequences: Sequence[int], lengths: np.ndarray, capacity: int) -> tuple[tuple[int, ...], ...]:
@@ -161,7 +186,11 @@ def place_groups(sizes: Sequence[int]) -> list[int]:
 def check_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> None:
     """Raise PlanError unless the groups partition the ranks, every sequence runs exactly once and every
     micro-batch fits its group's memory."""
-    _check_partition(plan.groups, cluster)
+    rounds = in_rounds(plan.groups)
+    if len(rounds) > 1 and not cluster.rounds:
+        raise PlanError(f"the plan runs in {len(rounds)} rounds; this cluster's ranks may not regroup within a step")
+    for groups in rounds:
+        _check_partition(groups, cluster)
     seen = np.zeros(len(lengths), dtype=np.int64)
     for g in plan.groups:
         for mb in g.microbatches:
@@ -194,4 +223,4 @@ def _check_partition(groups: Sequence[Group], cluster: Cluster) -> None:
         covered[g.start : g.start + g.size] += 1
     if np.any(covered != 1):
         rank = int(np.flatnonzero(covered != 1)[0])
-        raise PlanError(f"rank {rank} is in {covered[rank]} groups, not exactly one")
+        raise PlanError(f"rank {rank} is in {covered[rank]} groups of round {groups[0].round}, not exactly one")

@@ -140,16 +140,21 @@ def _baselines(lengths: np.ndarray, cluster: Cluster, model: CostModel):
 
 def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> str:
     """The plan as text: a row per group, then the step's figures."""
-    rows = [f"{'ranks':<11}{'size':>5}  {'nodes':<6}{'mbs':>4}{'seqs':>6}{'tokens':>10}  {'longest':<22}{'time s':>8}"]
+    rows = [
+        f"{'round':<6}{'ranks':<11}{'size':>5}  {'nodes':<6}{'mbs':>4}{'seqs':>6}{'tokens':>10}  "
+        f"{'longest':<22}{'time s':>8}"
+    ]
     times = [group_time(g, lengths, model, cluster) for g in plan.groups]
+    slowest = {r: max(t for g, t in zip(plan.groups, times, strict=True) if g.round == r) for r in _round_ids(plan)}
     for g, t in zip(plan.groups, times, strict=True):
         longest = sorted((int(lengths[i]) for i in g.sequences), reverse=True)[:3]
         spans = "spans" if cluster.crosses_nodes(g.start, g.size) else "one"
         ranks = f"{g.start}-{g.start + g.size - 1}" if g.size > 1 else f"{g.start}"
         tokens = sum(int(lengths[i]) for i in g.sequences)
         rows.append(
-            f"{ranks:<11}{g.size:>5}  {spans:<6}{len(g.microbatches):>4}{len(g.sequences):>6}{tokens:>10,}  "
-            f"{', '.join(f'{s:,}' for s in longest):<22}{t:>8.3f}" + ("  <- slowest" if t == max(times) else "")
+            f"{g.round + 1:<6}{ranks:<11}{g.size:>5}  {spans:<6}{len(g.microbatches):>4}{len(g.sequences):>6}"
+            f"{tokens:>10,}  {', '.join(f'{s:,}' for s in longest):<22}{t:>8.3f}"
+            + ("  <- slowest" if t == slowest[g.round] else "")
         )
     busy = sum(t * g.size for g, t in zip(plan.groups, times, strict=True)) / (cluster.ranks * plan.estimated_time)
     rows += [
@@ -163,6 +168,19 @@ def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMod
     return "\n".join(rows)
 
 
+def _round_ids(plan: Plan) -> list[int]:
+    return sorted({g.round for g in plan.groups})
+
+
+def _round_starts(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> dict[int, float]:
+    """When each round begins: after the slowest group of every round before it."""
+    starts, t = {}, 0.0
+    for groups in plan.rounds:
+        starts[groups[0].round] = t
+        t += max(group_time(g, lengths, model, cluster) for g in groups)
+    return starts
+
+
 def draw_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel, path: str) -> None:
     """A Gantt-like chart: each group a band of its ranks, its sequences laid end to end in time."""
     import matplotlib
@@ -173,9 +191,10 @@ def draw_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMode
 
     norm = colors.LogNorm(vmin=max(1, int(lengths.min())), vmax=max(2, int(lengths.max())))
     figure, axes = plt.subplots(figsize=(11, max(3.5, min(14, cluster.ranks * 0.09 + 2))))
+    round_starts = _round_starts(plan, lengths, cluster, model)
     for g in plan.groups:
         cross = cluster.crosses_nodes(g.start, g.size)
-        t = 0.0
+        t = round_starts[g.round]
         for mb in g.microbatches:
             for i in mb:
                 width = model.time(float(lengths[i]), g.size, cross)

@@ -693,7 +693,53 @@ def plan_step(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: Cost
             found = polish(problem, mip.assignment)
             if found.makespan(problem) < best.makespan(problem):
                 best, method = found, f"mip-{_status_word(mip.status)}"
+    rounds = two_rounds(problem, best.makespan(problem))
+    if rounds is not None:
+        # The MIP's bound holds for one round only; the fluid bound holds for any number.
+        return _assemble_rounds(rounds, problem, fluid_lower_bound(problem), time.perf_counter() - began)
     return _assemble(best, problem, lower, method, time.perf_counter() - began, first_plan_seconds)
+
+
+# -- rounds ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """One round's assignment, over the sub-problem of some of the step's sequences."""
+
+    problem: Problem
+    assignment: Assignment
+    sequences: np.ndarray
+    """The step's index of each of the sub-problem's sequences."""
+
+
+def two_rounds(problem: Problem, to_beat: float) -> list[Round] | None:
+    """The documents no single rank holds in a first round, the others in a second, when their
+    two plans together beat `to_beat` (the best plan of one round); else None.
+
+    One round makes every document that shares a wide group's step pay for the width (its
+    all-to-all, its share of idle ranks); two rounds let the short ones run on narrow groups
+    after. Tried only when the two rounds' lower bounds leave room to win: a few wide documents
+    among many ranks fit beside the short ones, and a round of their own only idles ranks."""
+    if not problem.cluster.rounds:
+        return None
+    wide = problem.lengths > problem.holds[0]
+    if wide.all() or not wide.any():
+        return None
+    parts = [_sub_problem(problem, np.flatnonzero(mask)) for mask in (wide, ~wide)]
+    if sum(fluid_lower_bound(part) for part, _ in parts) >= to_beat:
+        return None
+    rounds = []
+    for part, sequences in parts:
+        best = min(greedy_candidates(part, fluid_lower_bound(part)), key=lambda a: a.makespan(part))
+        rounds.append(Round(part, best, sequences))
+    if sum(r.assignment.makespan(r.problem) for r in rounds) >= to_beat:
+        return None
+    return rounds
+
+
+def _sub_problem(problem: Problem, sequences: np.ndarray) -> tuple[Problem, np.ndarray]:
+    return replace(problem, lengths=problem.lengths[sequences], times=problem.times[sequences]), sequences
 
 
 def homogeneous_plan(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: CostModel, degree: int) -> Plan:
@@ -717,16 +763,26 @@ def _assemble(
     a: Assignment, problem: Problem, lower: float, method: str, seconds: float, first_plan_seconds: float
 ) -> Plan:
     """Concrete groups at aligned ranks, each with its micro-batches."""
-    sizes = [problem.sizes[k] for k in a.size_of]
-    starts = place_groups(sizes)
-    groups = sorted(
-        (
-            Group(start, size, pack_microbatches(members, problem.lengths, int(problem.holds[k])))
-            for start, size, k, members in zip(starts, sizes, a.size_of, a.members, strict=True)
-        ),
-        key=lambda g: g.start,
-    )
+    groups = _groups(a, problem, np.arange(len(problem.lengths)), 0)
     estimated = plan_time(groups, problem.lengths, problem.model, problem.cluster)
     if estimated <= lower * (1 + 1e-9):
         method = "optimal"
     return Plan(tuple(groups), estimated, min(lower, estimated), method, seconds, first_plan_seconds)
+
+
+def _assemble_rounds(rounds: list[Round], problem: Problem, lower: float, seconds: float) -> Plan:
+    groups = [g for r, part in enumerate(rounds) for g in _groups(part.assignment, part.problem, part.sequences, r)]
+    estimated = plan_time(groups, problem.lengths, problem.model, problem.cluster)
+    method = "optimal" if estimated <= lower * (1 + 1e-9) else "greedy-rounds"
+    return Plan(tuple(groups), estimated, min(lower, estimated), method, seconds, seconds)
+
+
+def _groups(a: Assignment, problem: Problem, sequences: np.ndarray, round_: int) -> list[Group]:
+    """One round's groups at aligned ranks, in rank order; `sequences` maps the problem's sequences
+    to the step's."""
+    sizes = [problem.sizes[k] for k in a.size_of]
+    groups = []
+    for start, size, k, members in zip(place_groups(sizes), sizes, a.size_of, a.members, strict=True):
+        packed = pack_microbatches(members, problem.lengths, int(problem.holds[k]))
+        groups.append(Group(start, size, tuple(tuple(int(sequences[i]) for i in mb) for mb in packed), round_))
+    return sorted(groups, key=lambda g: g.start)

@@ -283,3 +283,8 @@ def process_name(pid: int) -> str:
         return (Path("/proc") / str(pid) / "comm").read_text().strip()
     except OSError:
         return ""
+
+
+def plan_group_sizes(described: str) -> list[int]:
+    """The group sizes in a metrics record's plan_groups, every round's ("2 | 1,1" -> [2, 1, 1])."""
+    return [int(size) for size in re.split(r"[ ,|]+", described.strip())]

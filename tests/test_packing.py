@@ -94,9 +94,25 @@ def test_a_group_splits_each_micro_batch_into_equal_slices_that_cover_it():
     assert all(s.cu_seqlens.tolist() == whole.cu_seqlens.tolist() and s.group == (2, 4) for s in slices)
 
 
-def test_a_group_without_documents_runs_one_micro_batch_of_padding():
-    [idle] = rank_micro_batches([Group(0, 1, ((0,),)), Group(1, 1, ())], 1, lambda i: np.arange(9), multiple=1)
-    assert idle.num_tokens == 0 and len(idle.tokens) >= 1
+def test_a_rank_without_documents_runs_one_micro_batch_of_padding_alone():
+    for idle_group in (Group(1, 1, ()), Group(0, 2, ())):
+        [idle] = rank_micro_batches([idle_group, Group(2, 2, ((0,),))], 1, lambda i: np.arange(9), multiple=1)
+        assert idle.num_tokens == 0 and len(idle.tokens) >= 1
+        assert idle.group == (1, 1)  # no collective with a group whose other ranks may have documents elsewhere
+
+
+def test_a_rank_runs_its_groups_micro_batches_round_by_round():
+    docs = [np.arange(n + 1) for n in (40, 7, 12, 9)]
+    plan = [
+        Group(0, 1, ((3,),), round=1),  # listed first, runs second
+        Group(1, 1, ((1, 2),), round=1),
+        Group(0, 2, ((0,),)),
+    ]
+    batches = [rank_micro_batches(plan, r, docs.__getitem__, multiple=1) for r in (0, 1)]
+    assert [[b.group for b in rank] for rank in batches] == [[(0, 2), (0, 1)], [(0, 2), (1, 1)]]
+    assert [sum(b.num_tokens for b in rank) for rank in batches] == [20 + 9, 20 + 19]
+    with pytest.raises(DataError, match="gives data-parallel rank 1 no group in round 1"):
+        rank_micro_batches([Group(0, 2, ((0,),)), Group(0, 1, ((1,),), round=1)], 1, docs.__getitem__, 1)
 
 
 def test_pipelines_get_micro_batches_of_one_length_and_a_rank_outside_the_plan_is_refused():

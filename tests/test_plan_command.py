@@ -33,11 +33,11 @@ def test_plan_prints_groups_and_draws_the_chart(tmp_path, capsys):
 
 
 def _group_rows(out: str) -> list[list[str]]:
-    """The table's group rows, split into columns: ranks, size, nodes, mbs, seqs, tokens, longest..."""
+    """The table's group rows, split into columns after the round: ranks, size, nodes, mbs, seqs, tokens, longest..."""
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("ranks"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("round"))
     end = lines.index("", header)
-    return [line.split() for line in lines[header + 1 : end]]
+    return [line.split()[1:] for line in lines[header + 1 : end]]
 
 
 def test_plan_table_rows_give_each_groups_ranks_nodes_and_load():
@@ -48,13 +48,25 @@ def test_plan_table_rows_give_each_groups_ranks_nodes_and_load():
     plan = Plan(groups, max(times), max(times), "optimal")
     check_plan(plan, lengths, cluster, model)
     rows = plan_table(plan, lengths, cluster, model).splitlines()
-    # Columns: ranks, size, nodes (8 ranks span two 4-rank nodes), mbs, seqs, tokens, longest three, time.
+    # Columns: round, ranks, size, nodes (8 ranks span two 4-rank nodes), mbs, seqs, tokens, longest three, time.
     assert rows[1:5] == [
-        f"0-7            8  spans    1     1    60,000  60,000                {times[0]:8.3f}  <- slowest",
-        f"8-11           4  one      1     2     5,000  3,000, 2,000          {times[1]:8.3f}",
-        f"12-15          4  one      1     1       500  500                   {times[2]:8.3f}",
+        f"1     0-7            8  spans    1     1    60,000  60,000                {times[0]:8.3f}  <- slowest",
+        f"1     8-11           4  one      1     2     5,000  3,000, 2,000          {times[1]:8.3f}",
+        f"1     12-15          4  one      1     1       500  500                   {times[2]:8.3f}",
         "",
     ]
+
+
+def test_plan_table_marks_the_slowest_group_of_every_round():
+    cluster, model = Cluster(2, 8), load_profile("cpu-2core-long-context")
+    lengths = np.array([7_000, 900, 1_500, 2_000, 300])
+    groups = (Group(0, 2, ((0,),)), Group(0, 1, ((1, 3),), round=1), Group(1, 1, ((2, 4),), round=1))
+    times = [group_time(g, lengths, model, cluster) for g in groups]
+    plan = Plan(groups, times[0] + max(times[1:]), 0.0, "greedy-rounds")
+    check_plan(plan, lengths, cluster, model)
+    rows = plan_table(plan, lengths, cluster, model).splitlines()[1:4]
+    assert [row.split()[:2] for row in rows] == [["1", "0-1"], ["2", "0"], ["2", "1"]]
+    assert [row.endswith("<- slowest") for row in rows] == [True, times[1] > times[2], times[2] > times[1]]
 
 
 def test_plan_as_json_is_a_valid_plan(tmp_path, capsys):
@@ -63,7 +75,9 @@ def test_plan_as_json_is_a_valid_plan(tmp_path, capsys):
     lengths.write_text(json.dumps(batch))
     assert main(["plan", "--lengths", str(lengths), "--ranks", "8", "--ranks-per-node", "4", "--json"]) == 0
     raw = json.loads(capsys.readouterr().out)["plan"]
-    groups = tuple(Group(g["start"], g["size"], tuple(tuple(mb) for mb in g["microbatches"])) for g in raw["groups"])
+    groups = tuple(
+        Group(g["start"], g["size"], tuple(tuple(mb) for mb in g["microbatches"]), g["round"]) for g in raw["groups"]
+    )
     plan = Plan(groups, raw["estimated_time"], raw["lower_bound"], raw["method"])
     check_plan(plan, np.array(batch), Cluster(8, 4), load_profile("h100-gpt7b"))
 

@@ -42,8 +42,8 @@ def instances(draw):
 def test_every_plan_is_valid(instance):
     cluster, model, lengths = instance
     plan = plan_step(lengths, cluster, model, FAST)
-    check_plan(plan, lengths, cluster, model)  # each sequence once, aligned power-of-two partition, memory
-    assert sum(g.size for g in plan.groups) == cluster.ranks
+    check_plan(plan, lengths, cluster, model)  # each sequence once, aligned power-of-two partitions, memory
+    assert all(sum(g.size for g in groups) == cluster.ranks for groups in plan.rounds)
     assert plan.estimated_time == pytest.approx(plan_time(plan.groups, lengths, model, cluster))
     assert plan.lower_bound <= plan.estimated_time * (1 + ROUNDING)
     assert 0 <= plan.gap < 1
@@ -127,12 +127,33 @@ def test_plans_are_optimal_on_small_instances_that_exhaustive_search_solves(seed
 @pytest.mark.parametrize("seed", range(8))
 def test_the_lower_bound_never_exceeds_the_optimum_when_memory_splits_groups(seed):
     rng = np.random.default_rng(100 + seed)
-    cluster = Cluster(4, 2)
+    cluster = Cluster(4, 2, rounds=False)  # the exhaustive search knows plans of one round only
     model = H100.with_capacity(int(rng.integers(2_000, 6_000)))
     lengths = rng.integers(200, 4 * model.tokens_per_rank, size=int(rng.integers(2, 6)))
     plan = plan_step(lengths, cluster, model, PlannerConfig(time_limit_s=20, mip_gap=0.0, exact_sequences=8))
     optimum = _exhaustive_optimum(lengths, cluster, model)
     assert plan.lower_bound <= optimum * (1 + 1e-6) <= plan.estimated_time * (1 + 2e-6)
+
+
+def test_short_documents_run_in_a_second_round_on_narrow_groups_when_a_long_one_needs_every_rank():
+    # On 2 ranks one round of one group of 2 is the only plan that holds the long document, and it makes
+    # every short one pay the all-to-all; a second round runs them on each rank alone.
+    cluster, model = Cluster(2, 8), load_profile("cpu-2core-long-context")
+    lengths = np.array([7_000, 900, 1_500, 2_000, 300, 1_200, 600, 700])
+    plan = plan_step(lengths, cluster, model, FAST)
+    check_plan(plan, lengths, cluster, model)
+    assert plan.describe() == "2 | 1,1" and plan.rounds[0][0].sequences == (0,)
+    one_round = plan_step(lengths, replace(cluster, rounds=False), model, FAST)
+    assert one_round.describe() == "2"  # the exhaustive optimum: nothing else holds the long document
+    assert plan.estimated_time < one_round.estimated_time
+    assert plan.lower_bound <= plan.estimated_time
+    with pytest.raises(PlanError, match="2 rounds; this cluster's ranks may not regroup"):
+        check_plan(plan, lengths, replace(cluster, rounds=False), model)
+
+
+def test_a_few_long_documents_among_many_ranks_share_one_round_with_the_short_ones():
+    cluster, lengths = Cluster(16, 8), np.array([60_000] + [3_000] * 100)
+    assert len(plan_step(lengths, cluster, H100, FAST).rounds) == 1
 
 
 def test_a_mixed_plan_beats_every_single_degree_when_one_sequence_is_long():

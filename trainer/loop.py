@@ -46,8 +46,7 @@ def plan_record(plan: Plan | None) -> dict:
     against the measured step time."""
     if plan is None or plan.method == "balanced":
         return {}
-    sizes = ",".join(str(g.size) for g in plan.groups)
-    return {"plan_groups": sizes, "plan_estimate_s": plan.estimated_time, "plan_method": plan.method}
+    return {"plan_groups": plan.describe(), "plan_estimate_s": plan.estimated_time, "plan_method": plan.method}
 
 
 @dataclass

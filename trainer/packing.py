@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from parallel.plan import Group
+from parallel.plan import Group, in_rounds
 from trainer.errors import DataError
 
 
@@ -126,23 +126,34 @@ def rank_micro_batches(
     multiple: int,
     tokens_per_rank: int | None = None,
 ) -> list[PackedMicroBatch]:
-    """This rank's slices of its group's micro-batches; `sample(i)` reads the step's document i.
+    """This rank's slices of its groups' micro-batches, round by round; `sample(i)` reads the
+    step's document i.
 
     A micro-batch is padded to `tokens_per_rank` tokens per rank when given (pipelines send
     activations of one fixed shape), else to the next multiple of the group's size x `multiple`
-    (tensor-parallel sequence parallelism splits each slice again). A group without a
-    document still runs one micro-batch of padding, so that it joins every collective."""
-    group = next((g for g in groups if g.start <= dp_rank < g.start + g.size), None)
-    if group is None:
-        raise DataError(f"the step's plan gives data-parallel rank {dp_rank} no group")
-    quantum = group.size * multiple
+    (tensor-parallel sequence parallelism splits each slice again). A rank whose groups have no
+    document runs one micro-batch of padding alone: every rank joins the step's collectives
+    outside its groups (the gradient reduction, the loss)."""
     batches = []
-    for pack in group.microbatches or ((),):
-        samples = [sample(i) for i in pack]
-        used = sum(len(s) - 1 for s in samples)
-        length = group.size * tokens_per_rank if tokens_per_rank else max(quantum, -(-used // quantum) * quantum)
-        batches.append(rank_slice(packed_micro_batch(samples, length), group, dp_rank - group.start))
+    for round_ in in_rounds(groups):
+        group = next((g for g in round_ if g.start <= dp_rank < g.start + g.size), None)
+        if group is None:
+            raise DataError(f"the step's plan gives data-parallel rank {dp_rank} no group in round {round_[0].round}")
+        for pack in group.microbatches:
+            batches.append(_rank_slice_of_pack(group, dp_rank, [sample(i) for i in pack], multiple, tokens_per_rank))
+    if not batches:
+        alone = Group(dp_rank, 1, ((),))
+        batches.append(_rank_slice_of_pack(alone, dp_rank, [], multiple, tokens_per_rank))
     return batches
+
+
+def _rank_slice_of_pack(
+    group: Group, dp_rank: int, samples: list[np.ndarray], multiple: int, tokens_per_rank: int | None
+) -> PackedMicroBatch:
+    quantum = group.size * multiple
+    used = sum(len(s) - 1 for s in samples)
+    length = group.size * tokens_per_rank if tokens_per_rank else max(quantum, -(-used // quantum) * quantum)
+    return rank_slice(packed_micro_batch(samples, length), group, dp_rank - group.start)
 
 
 def rank_slice(batch: PackedMicroBatch, group: Group, index: int) -> PackedMicroBatch:

@@ -29,7 +29,7 @@ class StepPlans:
         self._ahead: PlanAhead | None = None
         self._fixed: dict[bytes, Plan] = {}
         if self.enabled:
-            self.cluster = planner_cluster(config, dp, tp * pp)
+            self.cluster = planner_cluster(config, dp, tp, pp)
             self.model: CostModel = load_profile(config.planner.profile).with_capacity(self.capacity)
             if rank == 0:
                 self._ahead = PlanAhead(self.cluster, self.model, config.planner)
@@ -73,9 +73,9 @@ class StepPlans:
             self._ahead = None
 
 
-def planner_cluster(config: Config, dp: int, model_parallel: int) -> Cluster:
+def planner_cluster(config: Config, dp: int, tp: int, pp: int) -> Cluster:
     """The data-parallel ranks as the planner sees them: a node holds ranks_per_node GPUs, so
     ranks_per_node / (tp x pp) data-parallel ranks (a power of two), and no group may exceed
-    what the heads allow."""
-    per_node = max(1, config.planner.ranks_per_node // model_parallel)
-    return Cluster(dp, 1 << (per_node.bit_length() - 1), config.largest_sequence_group(dp))
+    what the heads allow. Pipelines run each step in one round (Cluster.rounds)."""
+    per_node = max(1, config.planner.ranks_per_node // (tp * pp))
+    return Cluster(dp, 1 << (per_node.bit_length() - 1), config.largest_sequence_group(dp), rounds=pp == 1)
