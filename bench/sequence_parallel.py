@@ -8,11 +8,13 @@ error on them; and the planner's latency at 64 and 512 ranks.
    batches of the Python standard library as documents. First a cost model is fitted on this
    machine from training steps of that same model (the trainer's attention module, forward,
    backward, gradient reduction and optimizer) on one document at a time, at (s, d) points.
-   Then every batch trains once under the planner's plan and once under each single degree
-   that holds the longest document, in an order rotated from batch to batch so that a drift of
-   the machine weighs on every method alike. `measured_vs_static` is the planner's total step
-   time over the best single degree's; `model_error_mean` the mean of |estimated - measured| /
-   measured over the planner's steps.
+   Then every batch trains under the planner's plan and under each single degree that holds
+   the longest document, alternating (A B A B A B in the full run; the first method rotated from
+   batch to batch) so that a drift of the machine weighs on every method alike; a method's time
+   on a batch is the median of its runs. Methods whose plans are the same (the planner often
+   returns the single degree's plan) run that step once for all of them. `measured_vs_static`
+   is the planner's total step time over the best single degree's; `model_error_mean` the mean
+   of |estimated - measured| / measured over the planner's steps.
 2. Planner latency, wall time on one core (this process pinned to one): batches of 8 sequences
    per rank from the Wikipedia-like distribution clipped at 128K tokens, the H100 profile, at 64
    and 512 ranks; p50 and p99 against the plans' estimated step time.
@@ -52,8 +54,11 @@ LATENCY_BATCHES = {"quick": 5, "full": 20}
 # -- 1. measured, inside each of the 2 ranks -----------------------------------------------------------------
 
 
-def worker(dataset: str, batches: int, repeats: int, out: str) -> None:
+def worker(dataset: str, batches: int, repeats: int, alternations: int, out: str) -> None:
     """Rank entry (under torchrun): fit the cost model, then time the plans of each batch."""
+    from parallel.megatron_import import prepare_megatron_import
+
+    prepare_megatron_import()
     import torch.distributed as dist
 
     from parallel.planner import homogeneous_plan
@@ -75,16 +80,24 @@ def worker(dataset: str, batches: int, repeats: int, out: str) -> None:
         box = [plan_step(lengths, cluster, model, config.planner) if dims.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)  # every rank runs rank 0's plan
         methods = {"planner": box[0]} | {f"degree {d}": homogeneous_plan(lengths, cluster, model, d) for d in degrees}
-        names = list(methods)
+        # Methods that plan the same groups run the same step: it is timed once for all of them, so
+        # that the comparison holds only the differences of the plans, not two samples of the noise.
+        distinct = list({methods[name].groups: name for name in reversed(methods)}.values())[::-1]
         read = lambda i, batch=batch: samples[int(batch[i])]  # noqa: E731
-        rotated = names[n % len(names) :] + names[: n % len(names)]
-        measured = {name: timed_step(step, dims, methods[name].groups, read) for name in rotated}
+        rotated = distinct[n % len(distinct) :] + distinct[: n % len(distinct)]
+        timings = {name: [] for name in distinct}
+        for _ in range(alternations):  # A B A B ...: the machine's drift weighs on each alike
+            for name in rotated:
+                timings[name].append(timed_step(step, dims, methods[name].groups, read))
+        same = {name: next(d for d in distinct if methods[d].groups == methods[name].groups) for name in methods}
+        measured = {name: statistics.median(timings[same[name]]) for name in methods}
         rows.append(
             {
                 "tokens": int(lengths.sum()),
                 "groups": box[0].describe(),
                 "estimated": {name: plan.estimated_time for name, plan in methods.items()},
                 "measured": measured,
+                "timings": timings,
             }
         )
         if dims.rank == 0:
@@ -96,9 +109,9 @@ def worker(dataset: str, batches: int, repeats: int, out: str) -> None:
 
 def measure_on_two_ranks(dataset: str, quick: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix="stalwart-sp-")) / "result.json"
-    batches, repeats = (4, 2) if quick else (12, 3)
+    batches, repeats, alternations = (4, 2, 1) if quick else (12, 3, 3)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
-    command += ["--worker", dataset, str(batches), str(repeats), str(out)]
+    command += ["--worker", dataset, str(batches), str(repeats), str(alternations), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     print(f"training {batches} batches under each method on 2 ranks (a minute or more per batch) ...", flush=True)
     subprocess.run(command, env=env, cwd=REPO, check=True, timeout=3600)
@@ -136,7 +149,7 @@ def latency(ranks: int, count: int) -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer batches and fit points")

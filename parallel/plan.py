@@ -108,8 +108,8 @@ class Plan:
         return in_rounds(self.groups)
 
     def describe(self) -> str:
-        """The group sizes, round by round: "2" or "2 | 1,1"."""
-        return " | ".join(",".join(str(g.size) for g in groups) for groups in self.rounds)
+        """The group sizes, round by round: "2" or "2; 1,1"."""
+        return "; ".join(",".join(str(g.size) for g in groups) for groups in self.rounds)
 
     @property
     def gap(self) -> float:

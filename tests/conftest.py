@@ -286,5 +286,5 @@ def process_name(pid: int) -> str:
 
 
 def plan_group_sizes(described: str) -> list[int]:
-    """The group sizes in a metrics record's plan_groups, every round's ("2 | 1,1" -> [2, 1, 1])."""
-    return [int(size) for size in re.split(r"[ ,|]+", described.strip())]
+    """The group sizes in a metrics record's plan_groups, every round's ("2; 1,1" -> [2, 1, 1])."""
+    return [int(size) for size in re.split(r"[ ,;]+", described.strip())]

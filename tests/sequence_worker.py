@@ -47,7 +47,7 @@ PLANS = {
         ),
         "2,1,1 two idle": (Group(0, 2, ((0, 1, 2, 3), (4, 5, 6, 7))), Group(2, 1, ()), Group(3, 1, ())),
         # The ranks regroup between rounds: rank 1 meets rank 0 first, rank 3 after.
-        "2,1,1 | 1,1,2": (
+        "2,1,1; 1,1,2": (
             Group(0, 2, ((0, 6),)),
             Group(2, 1, ((1,),)),
             Group(3, 1, ((2, 3),)),
@@ -59,7 +59,7 @@ PLANS = {
     2: {
         "2": (Group(0, 2, ((0, 1, 2, 3), (4, 5, 6, 7))),),
         "1,1": (Group(0, 1, ((0,), (1, 2, 3))), Group(1, 1, ((4, 5), (6, 7)))),
-        "2 | 1,1": (Group(0, 2, ((0, 6),)), Group(0, 1, ((1, 2), (3,)), round=1), Group(1, 1, ((4, 5, 7),), round=1)),
+        "2; 1,1": (Group(0, 2, ((0, 6),)), Group(0, 1, ((1, 2), (3,)), round=1), Group(1, 1, ((4, 5, 7),), round=1)),
     },
 }
 """Plans by data-parallel size: groups and the documents of each of their micro-batches."""
@@ -67,7 +67,7 @@ PLANS = {
 
 def plans_for(dp: int, pp: int) -> dict[str, tuple[Group, ...]]:
     """The plans a layout may run: pipelines run a step in one round (parallel.plan.Cluster.rounds)."""
-    return {name: groups for name, groups in PLANS[dp].items() if pp == 1 or "|" not in name}
+    return {name: groups for name, groups in PLANS[dp].items() if pp == 1 or ";" not in name}
 
 
 def exactness_config(tp: int = 1, pp: int = 1) -> Config:

@@ -142,7 +142,7 @@ def test_short_documents_run_in_a_second_round_on_narrow_groups_when_a_long_one_
     lengths = np.array([7_000, 900, 1_500, 2_000, 300, 1_200, 600, 700])
     plan = plan_step(lengths, cluster, model, FAST)
     check_plan(plan, lengths, cluster, model)
-    assert plan.describe() == "2 | 1,1" and plan.rounds[0][0].sequences == (0,)
+    assert plan.describe() == "2; 1,1" and plan.rounds[0][0].sequences == (0,)
     one_round = plan_step(lengths, replace(cluster, rounds=False), model, FAST)
     assert one_round.describe() == "2"  # the exhaustive optimum: nothing else holds the long document
     assert plan.estimated_time < one_round.estimated_time
