@@ -20,6 +20,7 @@ from parallel.processes import die_with_parent, name_process
 prepare_megatron_import()
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401  (torch's optimizers import it when built: a second a rank, here once)
 
 import trainer.loop  # noqa: E402,F401  (megatron-core, the model, the checkpoints: what a restart skips)
 from trainer.__main__ import main  # noqa: E402
