@@ -696,7 +696,8 @@ def plan_step(lengths: Sequence[int] | np.ndarray, cluster: Cluster, model: Cost
     rounds = two_rounds(problem, best.makespan(problem))
     if rounds is not None:
         # The MIP's bound holds for one round only; the fluid bound holds for any number.
-        return _assemble_rounds(rounds, problem, fluid_lower_bound(problem), time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        return _assemble_rounds(rounds, problem, fluid_lower_bound(problem), seconds, first_plan_seconds)
     return _assemble(best, problem, lower, method, time.perf_counter() - began, first_plan_seconds)
 
 
@@ -793,11 +794,13 @@ def _assemble(
     return Plan(tuple(groups), estimated, min(lower, estimated), method, seconds, first_plan_seconds)
 
 
-def _assemble_rounds(rounds: list[Round], problem: Problem, lower: float, seconds: float) -> Plan:
+def _assemble_rounds(
+    rounds: list[Round], problem: Problem, lower: float, seconds: float, first_plan_seconds: float
+) -> Plan:
     groups = [g for r, part in enumerate(rounds) for g in _groups(part.assignment, part.problem, part.sequences, r)]
     estimated = plan_time(groups, problem.lengths, problem.model, problem.cluster)
     method = "optimal" if estimated <= lower * (1 + 1e-9) else "greedy-rounds"
-    return Plan(tuple(groups), estimated, min(lower, estimated), method, seconds, seconds)
+    return Plan(tuple(groups), estimated, min(lower, estimated), method, seconds, first_plan_seconds)
 
 
 def _groups(a: Assignment, problem: Problem, sequences: np.ndarray, round_: int) -> list[Group]:
