@@ -93,7 +93,7 @@ class Plan:
     groups: tuple[Group, ...]
     """Each round's partition of the ranks, in rank order, rounds in the order they run."""
     estimated_time: float
-    """Seconds the step takes under the cost model: the time of the slowest group."""
+    """Seconds the step takes under the cost model: each round's slowest group, summed over the rounds."""
     lower_bound: float
     """Seconds no plan can beat (proven); estimated_time / lower_bound - 1 bounds how far from optimal it is."""
     method: str
@@ -184,8 +184,8 @@ def place_groups(sizes: Sequence[int]) -> list[int]:
 
 
 def check_plan(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> None:
-    """Raise PlanError unless the groups partition the ranks, every sequence runs exactly once and every
-    micro-batch fits its group's memory."""
+    """Raise PlanError unless each round's groups partition the ranks (and the cluster allows rounds),
+    every sequence runs exactly once and every micro-batch fits its group's memory."""
     rounds = in_rounds(plan.groups)
     if len(rounds) > 1 and not cluster.rounds:
         raise PlanError(f"the plan runs in {len(rounds)} rounds; this cluster's ranks may not regroup within a step")

@@ -145,7 +145,9 @@ def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMod
         f"{'longest':<22}{'time s':>8}"
     ]
     times = [group_time(g, lengths, model, cluster) for g in plan.groups]
-    slowest = {r: max(t for g, t in zip(plan.groups, times, strict=True) if g.round == r) for r in _round_ids(plan)}
+    slowest: dict[int, float] = {}  # per round
+    for g, t in zip(plan.groups, times, strict=True):
+        slowest[g.round] = max(slowest.get(g.round, 0.0), t)
     for g, t in zip(plan.groups, times, strict=True):
         longest = sorted((int(lengths[i]) for i in g.sequences), reverse=True)[:3]
         spans = "spans" if cluster.crosses_nodes(g.start, g.size) else "one"
@@ -166,10 +168,6 @@ def plan_table(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostMod
         f"first plan in {plan.first_plan_seconds:.2f} s, final plan in {plan.solve_seconds:.2f} s",
     ]
     return "\n".join(rows)
-
-
-def _round_ids(plan: Plan) -> list[int]:
-    return sorted({g.round for g in plan.groups})
 
 
 def _round_starts(plan: Plan, lengths: np.ndarray, cluster: Cluster, model: CostModel) -> dict[int, float]:
