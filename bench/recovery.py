@@ -10,7 +10,8 @@ usage: python bench/recovery.py [--quick]
    the universal checkpoint on disk (its files dropped from the page cache), in turn.
 3. Kill to step: a rank SIGKILLed mid-run; the wall time until the restarted run completes a
    step, and the part of it that is process start-up.
-4. Deliver: bytes per second a rank delivers into a daemon's segment, against a memory copy.
+4. Deliver: bytes per second a rank delivers into a daemon's segment, against a memory copy
+   (the daemon checksums them after; that time is reported apart).
 
 Prints a table, then one JSON line with snapshot_throughput_ratio(_both_cores),
 snapshot_copy_step_ratio (the copy's cost alone, measured between neighbouring steps of one run),
@@ -210,8 +211,9 @@ def kill_to_step(tmp: Path, data: Path) -> dict:
 
 
 def deliver_vs_memcpy(tmp: Path, nbytes: int, rounds: int) -> dict:
-    """A rank's delivery of `nbytes` into a daemon (reserve, copy with checksums, deliver)
-    against a plain memory copy of the same bytes into memory already in use, in turn.
+    """A rank's delivery of `nbytes` into a daemon (reserve, copy, deliver) against a plain
+    memory copy of the same bytes into memory already in use, in turn; and, apart, how long the
+    daemon then takes to checksum them (off the rank's path: the commit waits for it).
     In steady state, as in training: two steps first, after which the daemon recycles segments."""
     from checkpoint.daemon import read_token
     from checkpoint.snapshot_client import SnapshotClient
@@ -224,18 +226,20 @@ def deliver_vs_memcpy(tmp: Path, nbytes: int, rounds: int) -> dict:
         client = SnapshotClient(d.addresses[0], d.job, read_token(d.token_file))
         source = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
         target = np.zeros_like(source)
-        times: dict[str, list[float]] = {"deliver": [], "memcpy": []}
+        times: dict[str, list[float]] = {"deliver": [], "memcpy": [], "checksummed": []}
         for step in range(WARM_UP_STEPS + rounds):
             start = time.perf_counter()
             client.deliver(step, 0, {"state": source})
             delivered = time.perf_counter() - start
             client.commit(step)  # by rank 0's committer in training, off the ranks' path
+            checksummed = time.perf_counter() - start - delivered
             start = time.perf_counter()
             np.copyto(target, source)
             copied = time.perf_counter() - start
             if step >= WARM_UP_STEPS:
                 times["deliver"].append(delivered)
                 times["memcpy"].append(copied)
+                times["checksummed"].append(checksummed)
         client.close()
     finally:
         daemons.stop()
@@ -318,6 +322,7 @@ def report(spare: dict, both: dict, restore: dict, killed: dict, delivered: dict
             f"{delivered['deliver_s']:.3f}",
             f"{delivered['memcpy_s']:.3f}",
         ),
+        ("the daemon's checksums after the delivery, to commit (s)", f"{delivered['checksummed_s']:.3f}", ""),
     ]
     width = max(len(r[0]) for r in rows)
     for label, a, b in rows:

@@ -41,7 +41,7 @@ from checkpoint.snapshot_group import (
     rebuild_parity,
     send_share,
 )
-from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, StepState
+from checkpoint.snapshot_store import BufferInfo, Received, SnapshotError, SnapshotStore, StepState
 from checkpoint.watchdog import HangWatch, watch_forever
 
 SERVICE = "stalwart.snapshot.v1.SnapshotDaemon"
@@ -127,6 +127,8 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
         self.hangs = HangWatch(hang_timeout_s)
         """The node's ranks by their progress reports (killed, when hung, by watch_forever)."""
         self.materializations = Materializations()
+        self.checksums = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-checksum")
+        """Deliveries are checksummed here, one at a time, in the order they arrived."""
         self.block_port = 0
         """Where bulk bytes go: the group's blocks, and reads of a snapshot from another node."""
 
@@ -145,11 +147,24 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
 
     @_mapped
     def Deliver(self, request, context):
-        buffers = [BufferInfo(b.name, b.offset, b.nbytes, b.crc32c) for b in request.buffers]
-        delivered, expected = self.store.deliver(request.step, request.rank, buffers)
-        progress = self.store.encoding(request.step)
-        if delivered == expected and self.peers is not None and progress is not None:  # the share is whole
-            step, meta = request.step, self.store.share(request.step)
+        # The rank's checksums are not asked for: the daemon computes them, off the rank's path.
+        layout = [BufferInfo(b.name, b.offset, b.nbytes, 0) for b in request.buffers]
+        received = self.store.receive(request.step, request.rank, layout)
+        self.checksums.submit(self._settle, received)
+        delivered = self.store.received_ranks(request.step)
+        return pb.DeliverReply(delivered_ranks=len(delivered), expected_ranks=len(self.store.expected))
+
+    def _settle(self, received: Received) -> None:
+        """The checksum thread: a delivery checksummed, and this node's share of the step sent
+        to the parity holders once it is whole."""
+        try:
+            whole = self.store.settle(received)
+        except Exception as e:  # noqa: BLE001 (the thread must go on; the step never commits)
+            print(f"stalwart daemon: rank {received.rank}, step {received.step}: {e}", file=sys.stderr, flush=True)
+            return
+        progress = self.store.encoding(received.step)
+        if whole and self.peers is not None and progress is not None:
+            step, meta = received.step, self.store.share(received.step)
             try:
                 views = self.store.hold_share(step)
             except SnapshotError as e:  # dropped meanwhile (a newer step committed): nothing to send
@@ -157,7 +172,6 @@ class Servicer(pb_grpc.SnapshotDaemonServicer):
             else:
                 release = lambda: self.store.unpin(step)  # noqa: E731
                 send_share(self.store.group, self.peers, step, meta, views, release, progress)
-        return pb.DeliverReply(delivered_ranks=delivered, expected_ranks=expected)
 
     @_mapped
     def Commit(self, request, context):

@@ -19,7 +19,7 @@ from checkpoint.block_transport import get_block, read_range
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.proto import snapshot_pb2_grpc as pb_grpc
 from checkpoint.snapshot_group import call_metadata
-from checkpoint.snapshot_store import MappedSegment, attach, checksum, copy_checksummed
+from checkpoint.snapshot_store import MappedSegment, attach, checksum, copy_bytes
 
 ALIGN = 64
 """Buffers start at multiples of this in a segment (cache lines; SIMD-friendly reads)."""
@@ -65,8 +65,8 @@ class SnapshotClient:
         table = []
         for name, view in views.items():
             start = offsets[name]
-            crc = copy_checksummed(shm.buf[start : start + view.nbytes], view)
-            table.append(pb.Buffer(name=name, offset=start, nbytes=view.nbytes, crc32c=crc))
+            copy_bytes(shm.buf[start : start + view.nbytes], view)  # the daemon checksums it
+            table.append(pb.Buffer(name=name, offset=start, nbytes=view.nbytes))
         return self._call("Deliver", pb.DeliverRequest(step=step, rank=rank, buffers=table))
 
     def reserve(self, step: int, rank: int, nbytes: int) -> pb.ReserveReply:

@@ -12,6 +12,7 @@ as a checkpoint on disk, so that `RankState.load` serves both tiers.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from checkpoint.layout import TensorLayout, join_shards, local_shape, padded_sha
 from checkpoint.materialize import META, RNG, release, shard_of
 from checkpoint.proto import snapshot_pb2 as pb
 from checkpoint.snapshot_client import ALIGN, SnapshotClient
-from checkpoint.snapshot_store import attach, checksum, copy_checksummed
+from checkpoint.snapshot_store import attach, checksum, copy_bytes, copy_checksummed
 from checkpoint.state import Piece, PlannedPiece, RankState, ShardItem, read_shards_of_pieces
 
 
@@ -57,8 +58,8 @@ class SegmentSink:
         if name not in self.offsets:
             raise ValueError(f"snapshot buffer {name!r} was not planned (the state changed shape mid-save)")
         start, nbytes = self.offsets[name], data.nbytes
-        crc = copy_checksummed(self.shm.buf[start : start + nbytes], data)
-        self.table.append(pb.Buffer(name=name, offset=start, nbytes=nbytes, crc32c=crc))
+        copy_bytes(self.shm.buf[start : start + nbytes], data)  # the daemon checksums it
+        self.table.append(pb.Buffer(name=name, offset=start, nbytes=nbytes))
 
     def end(self) -> None:
         for name, data in self.extra.items():
@@ -98,6 +99,9 @@ class SegmentReader:
     Offers CheckpointReader's read_many for the same layout: each piece is this rank's own.
     Every buffer is checked against its checksum before its bytes are used.
     """
+
+    writes_every_element = True
+    """Each piece it fills is copied whole (padding included): fresh tensors need no zeroing."""
 
     def __init__(self, client: SnapshotClient, step: int, rank: int, local: bool = True):
         reply = client.locate(step, rank)
@@ -144,14 +148,15 @@ class SegmentReader:
 
     def read_many(self, items: list[tuple[str, TensorLayout, torch.Tensor]], tp_rank: int, tp: int) -> None:
         self._same_layout(tp_rank, tp)
-        for name, _, out in items:
+        for name, _, _ in items:
             if self.shard(name):
                 raise KeyError(f"the snapshot of rank {self.rank} holds only a shard of {name}")
-            self._copy(name, out)
+        self._copy_all([(name, out) for name, _, out in items])
 
     def read_shards(self, items: list[ShardItem], tp_rank: int, tp: int) -> None:
         """This rank's own shards, as it saved them."""
         self._same_layout(tp_rank, tp)
+        whole = []
         for name, _, wanted, out in items:
             saved = self.shard(name)
             if saved is None and name in self.buffers:
@@ -159,11 +164,21 @@ class SegmentReader:
             elif saved != wanted:
                 raise KeyError(f"the snapshot of rank {self.rank} holds {name} elements {saved}, not {wanted}")
             else:
-                self._copy(name, out)
+                whole.append((name, out))
+        self._copy_all(whole)
 
     def _same_layout(self, tp_rank: int, tp: int) -> None:
         if tp_rank != self.meta["tp_rank"] or tp != self.meta["layout"]["tp"]:
             raise ValueError("a rank's own snapshot is read back on the layout that saved it")
+
+    def _copy_all(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """Buffers into tensors on as many threads as torch's intra-op pool, the largest first:
+        nothing else runs during a restore, and the copies (and the page faults of fresh
+        optimizer state they take) release the GIL."""
+        pairs = sorted(pairs, key=lambda pair: -pair[1].numel())
+        with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="stalwart-restore") as pool:
+            for copied in [pool.submit(self._copy, name, out) for name, out in pairs]:
+                copied.result()
 
     def _copy(self, name: str, out: torch.Tensor) -> None:
         """Buffer `name` into `out` (of its size), its checksum checked."""

@@ -9,8 +9,10 @@ limit is refused, never an OOM kill. Thread-safe: the gRPC server calls it from 
 Segments are recycled: a dropped step's segments wait (one per local rank at most) for the
 next reservation of their size, so that a rank copies into memory that is already mapped
 rather than into fresh pages the kernel must fault in and zero (ten times a copy's cost).
-Checksums are CRC-32C, computed by the rank as it copies and checked where the bytes are used
-(a restore, a fetch, a rebuild, `verify`), not on the delivery path.
+Checksums are CRC-32C, computed by the daemon once a rank has delivered (`receive`, then
+`settle`), off the rank's path, and checked where the bytes are used (a restore, a fetch, a
+rebuild, `verify`). A rank counts as delivered once its checksums are in: until then the step
+can be neither committed nor restored, and the calls that ask wait for them.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import mmap
 import os
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import numpy as np
 
 from checkpoint.snapshot_group import Encoding, GroupPlan, ParityBlock, share_meta
+
+SETTLE_TIMEOUT_S = 60.0
+"""How long a call that needs every delivery checksummed waits for them (they take
+milliseconds; a daemon starved of CPU for a minute has bigger problems)."""
 
 
 class SnapshotError(Exception):
@@ -51,7 +57,9 @@ class Segment:
     shm: shared_memory.SharedMemory
     nbytes: int
     buffers: list[BufferInfo] | None = None
-    """None until the rank has delivered."""
+    """None until the rank has delivered and the daemon has checksummed its buffers."""
+    received: list[BufferInfo] | None = None
+    """The buffers a rank delivered, while the daemon computes their checksums."""
 
     def view(self) -> memoryview:
         return self.shm.buf[: self.nbytes]
@@ -70,6 +78,15 @@ class Step:
 
     def delivered(self) -> list[int]:
         return sorted(r for r, s in self.segments.items() if s.buffers is not None)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A delivery whose checksums the daemon has yet to compute (`SnapshotStore.settle`)."""
+
+    step: int
+    rank: int
+    segment: Segment
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,10 @@ class SnapshotStore:
         self.spares: list[Segment] = []
         """Segments of dropped steps, mapped and faulted in, for the next reservations."""
         self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)
+        """Notified whenever a received delivery is settled (`unsettled` falls)."""
+        self.unsettled = 0
+        """Deliveries received whose checksums are not computed yet."""
 
     # -- deliveries ----------------------------------------------------------------------
 
@@ -168,24 +189,71 @@ class SnapshotStore:
     def spare_bytes(self) -> int:
         return sum(s.nbytes for s in self.spares)
 
-    def deliver(self, step: int, rank: int, buffers: list[BufferInfo], check: bool = False) -> tuple[int, int]:
-        """Record that `rank`'s buffers of `step` are in its segment (with `check`, after
-        re-checking their checksums: bytes that came from elsewhere than the rank)."""
+    def receive(self, step: int, rank: int, layout: list[BufferInfo]) -> Received:
+        """Take `rank`'s word that its buffers of `step` (their checksums not set) are in its
+        segment: the rank goes back to training, and `settle` checksums them."""
         self._check_rank(rank)
         with self.lock:
-            segment = self._segment(step, rank)
-            if segment.buffers is not None:
-                raise SnapshotError("precondition", f"rank {rank} already delivered step {step}")
-            _check_layout(buffers, segment.nbytes, rank)
-            if check:
-                _check_checksums(segment, buffers, rank)
-            segment.buffers = list(buffers)
-            entry = self.steps[step]
-            if self.group is not None and entry.delivered() == self.expected:
-                # Set here, under the lock, so that Status never shows the step past encoding
-                # before its blocks have been streamed.
-                entry.encoding = Encoding(self.group.blocks_to_send)
-            return len(entry.delivered()), len(self.expected)
+            segment = self._undelivered(step, rank, layout)
+            segment.received = list(layout)
+            self.unsettled += 1
+            return Received(step, rank, segment)
+
+    def settle(self, received: Received) -> bool:
+        """Checksum a received delivery's buffers and deliver them; whether that made this
+        node's share of the step whole (its blocks are then due to the parity holders). A
+        delivery superseded meanwhile (the rank restarted, the step was dropped) is let go."""
+        segment = received.segment
+        try:
+            buffers = [
+                replace(b, crc32c=checksum(segment.shm.buf[b.offset : b.offset + b.nbytes])) for b in segment.received
+            ]
+        finally:
+            with self.lock:
+                self.unsettled -= 1
+                self.settled.notify_all()
+        with self.lock:
+            entry = self.steps.get(received.step)
+            if entry is None or entry.segments.get(received.rank) is not segment:
+                return False
+            segment.received = None
+            return self._delivered(entry, segment, buffers)
+
+    def deliver(self, step: int, rank: int, buffers: list[BufferInfo]) -> bool:
+        """Record that `rank`'s buffers of `step`, with their checksums, are in its segment;
+        whether that made this node's share of the step whole."""
+        self._check_rank(rank)
+        with self.lock:
+            segment = self._undelivered(step, rank, buffers)
+            return self._delivered(self.steps[step], segment, buffers)
+
+    def _undelivered(self, step: int, rank: int, buffers: list[BufferInfo]) -> Segment:
+        segment = self._segment(step, rank)
+        if segment.buffers is not None or segment.received is not None:
+            raise SnapshotError("precondition", f"rank {rank} already delivered step {step}")
+        _check_layout(buffers, segment.nbytes, rank)
+        return segment
+
+    def _delivered(self, entry: Step, segment: Segment, buffers: list[BufferInfo]) -> bool:
+        segment.buffers = list(buffers)
+        whole = entry.delivered() == self.expected
+        if self.group is not None and whole:
+            # Set here, under the lock, so that Status never shows the step past encoding
+            # before its blocks have been streamed.
+            entry.encoding = Encoding(self.group.blocks_to_send)
+        return whole
+
+    def received_ranks(self, step: int) -> list[int]:
+        """The ranks that delivered `step`, settled or not."""
+        with self.lock:
+            entry = self.steps.get(step, Step())
+            return sorted(r for r, s in entry.segments.items() if s.buffers is not None or s.received is not None)
+
+    def _await_settled(self) -> None:
+        """Under the lock: until every received delivery is checksummed (milliseconds), so
+        that a rank's delivery counts from the moment its Deliver call returned."""
+        if not self.settled.wait_for(lambda: self.unsettled == 0, timeout=SETTLE_TIMEOUT_S):
+            raise SnapshotError("exhausted", f"deliveries still being checksummed after {SETTLE_TIMEOUT_S} s")
 
     def encoding(self, step: int) -> Encoding | None:
         with self.lock:
@@ -196,6 +264,7 @@ class SnapshotStore:
         """Commit `step` (with `prepare`, only check) once every expected rank delivered and
         every parity block held for it is complete; (missing ranks, incomplete stripes)."""
         with self.lock:
+            self._await_settled()
             entry = self.steps.get(step, Step())  # ranks may not have started delivering yet
             missing = [r for r in self.expected if r not in entry.delivered()]
             stripes = self._incomplete_parity(step)
@@ -207,6 +276,7 @@ class SnapshotStore:
 
     def local_complete(self, step: int) -> bool:
         with self.lock:
+            self._await_settled()
             entry = self.steps.get(step)
             return entry is not None and entry.delivered() == self.expected
 
@@ -375,6 +445,7 @@ class SnapshotStore:
     def verify(self, step: int) -> list[str]:
         """Problems found re-checking every buffer of a committed step (empty: all good)."""
         with self.lock:
+            self._await_settled()
             entry = self._committed(step)
             problems = []
             for rank, segment in sorted(entry.segments.items()):
@@ -387,6 +458,7 @@ class SnapshotStore:
         """(step, bytes, delivered ranks, committed) of the committed steps (and, with
         `include_ready`, of those that could commit here), oldest first."""
         with self.lock:
+            self._await_settled()
             return [
                 (s, e.nbytes, e.delivered(), e.committed)
                 for s, e in sorted(self.steps.items())
@@ -423,6 +495,7 @@ class SnapshotStore:
     def require_whole(self, step: int) -> None:
         """Raise NOT_FOUND unless `step` is committed here or could be (served for rebuilds)."""
         with self.lock:
+            self._await_settled()
             entry = self.steps.get(step)
             if entry is None or not (entry.committed or self._ready(step)):
                 raise SnapshotError("not_found", f"no whole snapshot of step {step}")
@@ -516,8 +589,19 @@ CHECKSUM_CHUNK = 256 << 10
 
 
 def checksum(data) -> int:
-    """CRC-32C (hardware instructions where the CPU has them) of a bytes-like object."""
-    return google_crc32c.value(np.frombuffer(data, np.uint8))
+    """CRC-32C (hardware instructions where the CPU has them) of a bytes-like object. The
+    library lets go of the GIL while it runs: a restore checks buffers on several threads,
+    and a daemon's other threads serve calls while it checksums a delivery."""
+    return crc32c.crc32c(np.frombuffer(data, np.uint8))
+
+
+def copy_bytes(target, source) -> None:
+    """Copy bytes-like `source` into writable bytes-like `target` of the same length (one
+    memcpy: a big one streams past the cache)."""
+    dst, src = np.frombuffer(target, np.uint8), np.frombuffer(source, np.uint8)
+    if dst.size != src.size:
+        raise ValueError(f"copying {src.size} bytes into {dst.size}")
+    np.copyto(dst, src)
 
 
 def copy_checksummed(target, source) -> int:
@@ -531,7 +615,7 @@ def copy_checksummed(target, source) -> int:
     for start in range(0, src.size, CHECKSUM_CHUNK):
         piece = dst[start : start + CHECKSUM_CHUNK]
         piece[:] = src[start : start + CHECKSUM_CHUNK]
-        crc = google_crc32c.extend(crc, piece)
+        crc = crc32c.crc32c(piece, crc)
     return crc
 
 

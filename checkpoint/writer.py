@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import numpy as np
 
 from checkpoint.layout import TensorLayout
@@ -287,7 +287,7 @@ def encode_chunk(data: np.ndarray, chunk_shape: tuple[int, ...]) -> tuple[bytes,
     if data.shape != chunk_shape:
         data = np.pad(data, [(0, full - part) for full, part in zip(chunk_shape, data.shape, strict=True)])
     raw = np.ascontiguousarray(data, dtype="<f4").tobytes()
-    return raw, np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
+    return raw, np.array([crc32c.crc32c(raw)], dtype="<u4").tobytes()
 
 
 def finish_step(request: FinishStep, report: dict[str, list[str]]) -> None:

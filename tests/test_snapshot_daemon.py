@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from checkpoint.daemon import write_token
@@ -206,6 +208,44 @@ def test_a_delivery_past_the_memory_limit_is_refused_and_nothing_is_lost(daemon)
     assert daemon.process.poll() is None
 
 
+def test_the_daemon_checksums_a_delivery_after_answering_and_it_counts_only_then():
+    """Deliver answers before the checksums are computed (`settle`, on the daemon's checksum
+    thread); until they are, the step neither commits nor is listed, and a call that asks
+    waits for them. A delivery superseded while it is checksummed (its rank restarted and
+    reserved the step again) is let go."""
+    job, page = unique_job(), 4096
+    store = SnapshotStore(job, 0, [0, 1], memory_limit=16 * page)
+    try:
+        tickets = {}
+        for rank in (0, 1):
+            store.reserve(1, rank, page)
+            store.steps[1].segments[rank].shm.buf[:page] = bytes([rank + 1]) * page  # as a rank would
+            tickets[rank] = store.receive(1, rank, [BufferInfo("x", 0, page, 0)])
+        assert store.received_ranks(1) == [0, 1] and store.states()[0].delivered == []
+        with pytest.raises(SnapshotError, match="already delivered"):
+            store.receive(1, 0, [BufferInfo("x", 0, page, 0)])
+        listing = []
+        waiter = threading.Thread(target=lambda: listing.extend(store.listing(include_ready=True)))
+        waiter.start()
+        waiter.join(timeout=0.3)
+        assert waiter.is_alive()  # waits for the checksums: the listing cannot end before them
+        assert store.settle(tickets[0]) is False and store.settle(tickets[1]) is True
+        waiter.join(timeout=30)
+        assert listing == [(1, 2 * page, [0, 1], False)]
+        assert store.commit(1) == ([], [])
+        assert [b.crc32c for b in store.locate(1, 1)[1]] == [checksum(bytes([2]) * page)]
+        # Rank 0 restarts while its step-2 delivery is being checksummed, and delivers again.
+        for rank in (0, 1):
+            store.reserve(2, rank, page)
+        stale = store.receive(2, 0, [BufferInfo("x", 0, page, 0)])
+        store.reserve(2, 0, page)
+        assert store.settle(stale) is False and store.received_ranks(2) == []
+        assert store.commit(2, prepare=True) == ([0, 1], [])
+    finally:
+        store.close()
+    assert segments_of(job) == []
+
+
 def test_dropped_segments_serve_later_steps_and_give_way_to_the_memory_limit():
     """A step's segments, once superseded, are the next steps' (no fresh pages to fault in);
     at most one per local rank waits, and waiting ones are freed before a reservation is refused."""
@@ -269,11 +309,16 @@ def test_bad_requests_get_a_status_naming_the_problem(daemon):
     overlapping = [pb.Buffer(name="a", offset=0, nbytes=64), pb.Buffer(name="b", offset=32, nbytes=64)]
     with pytest.raises(grpc.RpcError, match="overlap"):
         client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=overlapping))
-    # Checksums are checked where the bytes are used, not on delivery: verify and fetch.
+    # The daemon computes the checksums (a rank's are not read), and checks them where the
+    # bytes are used: bytes changed in the segment after delivery fail verify and fetch.
     wrong_crc = [pb.Buffer(name="a", offset=0, nbytes=64, crc32c=1)]
     client._call("Deliver", pb.DeliverRequest(step=8, rank=0, buffers=wrong_crc))
     client.deliver(8, 1, {"a": bytes(64)})
     assert client.commit(8).committed
+    assert list(client.verify(8).problems) == []
+    located = client.locate(8, 0)
+    assert located.buffers[0].crc32c == checksum(bytes(64))
+    client.mapped(located.segment).buf[5] = 1  # a stray write into the committed segment
     assert list(client.verify(8).problems) == ["step 8 rank 0 buffer 'a': checksum mismatch"]
     with pytest.raises(ValueError, match="buffer 'a' of rank 0, step 8: checksum mismatch"):
         client.fetch(8, 0)
@@ -717,3 +762,64 @@ def test_a_daemon_stalled_by_sigstop_serves_on_after_sigcont(daemon):
     time.sleep(2)
     assert daemon.process.poll() is None, daemon.stderr()
     assert daemon.healthy() and client.status().steps[0].step == 1
+
+
+class RunCounter:
+    """The run's own state, as the trainer's: saved and restored by the state it belongs to."""
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def test_a_plain_optimizers_rank_state_comes_back_from_a_daemon_bit_identical_and_trains_on_alike(tmp_path):
+    """A rank's state (fp32, no distributed optimizer: the parameters are their own main weights)
+    through a daemon's segment and back into a fresh model and optimizer, as a restarted rank
+    restores it: every weight and Adam state bit-identical (read on several threads, the fresh
+    states in huge pages where large, each weight once), and the next step's loss the same."""
+    from checkpoint.snapshot_sink import SegmentReader, SegmentSink, snapshot_extra, snapshot_placement
+    from checkpoint.state import RankState, params_that_are_their_main_weights, rng_state
+    from tests.test_cpu_compat import one_rank
+    from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+    from trainer.step import TrainStep
+
+    model = ModelConfig(num_layers=1, hidden_size=512, ffn_hidden_size=1024, num_attention_heads=4, num_query_groups=2)
+    config = Config(model=model, train=TrainConfig(seq_length=16), data=DataConfig(packing="concat"))
+    vocab = 2048  # embedding and output layer: 4 MiB each, large enough to ask for huge pages
+    batches = [[np.random.default_rng(i).integers(0, vocab, size=(2, 17))] for i in range(3)]
+    daemon = Daemon(tmp_path, ranks="0", memory_mb=256)
+    client = daemon.client()
+    try:
+        with one_rank(tmp_path, distributed_optimizer=False) as dims:
+            trained = TrainStep(config, dims, vocab_size=vocab)
+            for batch in batches[:2]:
+                trained.train(batch)
+            saved = RankState(trained.model, trained.optimizer, dims, vocab, RunCounter(2))
+            assert params_that_are_their_main_weights(trained.optimizer) == {p.param for p in saved.params}
+            plan = saved.own_piece_plan()
+            sink = SegmentSink(client, plan, 2, 0, snapshot_extra(saved, snapshot_placement(saved, plan), rng_state()))
+            sink.begin()
+            for piece in saved.own_pieces():
+                sink.put(piece)
+            sink.end()
+            assert client.commit(2).committed
+
+            fresh = TrainStep(config, dims, vocab_size=vocab)
+            restored = RankState(fresh.model, fresh.optimizer, dims, vocab, RunCounter())
+            reader = SegmentReader(client, 2, 0)
+            try:
+                restored.load(reader, 2, reader.state, reader.rng)
+            finally:
+                reader.close()
+            assert restored.run.step == 2
+            for before, after in zip(saved.own_pieces(), restored.own_pieces(), strict=True):
+                assert before.name == after.name and torch.equal(before.local, after.local), before.name
+            assert trained.train(batches[2]).loss == fresh.train(batches[2]).loss
+    finally:
+        client.close()
+        daemon.stop()

@@ -108,8 +108,9 @@ class SnapshotDaemonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deliver(self, request, context):
-        """The rank's buffers for the step are in its segment: the daemon checks them and records
-        the delivery. A step nobody committed is never listed or served.
+        """The rank's buffers for the step are in its segment: the daemon checks their layout,
+        answers, and computes their checksums after (the rank goes back to training). The
+        delivery counts once they are in; a step nobody committed is never listed or served.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
