@@ -203,21 +203,21 @@ class SnapshotStore:
         """Checksum a received delivery's buffers and deliver them; whether that made this
         node's share of the step whole (its blocks are then due to the parity holders). A
         delivery superseded meanwhile (the rank restarted, the step was dropped) is let go."""
-        segment = received.segment
+        segment, buffers, whole = received.segment, None, False
         try:
             buffers = [
                 replace(b, crc32c=checksum(segment.shm.buf[b.offset : b.offset + b.nbytes])) for b in segment.received
             ]
         finally:
+            # One turn of the lock: a call woken by the notification sees the delivery.
             with self.lock:
                 self.unsettled -= 1
                 self.settled.notify_all()
-        with self.lock:
-            entry = self.steps.get(received.step)
-            if entry is None or entry.segments.get(received.rank) is not segment:
-                return False
-            segment.received = None
-            return self._delivered(entry, segment, buffers)
+                entry = self.steps.get(received.step)
+                if buffers is not None and entry is not None and entry.segments.get(received.rank) is segment:
+                    segment.received = None
+                    whole = self._delivered(entry, segment, buffers)
+        return whole
 
     def deliver(self, step: int, rank: int, buffers: list[BufferInfo]) -> bool:
         """Record that `rank`'s buffers of `step`, with their checksums, are in its segment;
