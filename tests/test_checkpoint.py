@@ -125,7 +125,9 @@ def test_a_flipped_byte_is_refused_on_resume_naming_the_tensor(runs, tmp_path):
     root, config_path = runs
     source = tmp_path / "step_000000003"
     shutil.copytree(root / "source" / "checkpoints" / "step_000000003", source)
-    chunk = source / "model" / "decoder.layers.1.self_attention.linear_qkv.weight" / "c" / "0" / "0"
+    # An Adam state: a run whose parameters are their own main weights (fp32, no distributed
+    # optimizer) reads their values from optim/param, not from model/.
+    chunk = source / "optim" / "exp_avg" / "decoder.layers.1.self_attention.linear_qkv.weight" / "c" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[10] ^= 0x40
     chunk.write_bytes(bytes(data))
@@ -138,7 +140,10 @@ def test_a_flipped_byte_is_refused_on_resume_naming_the_tensor(runs, tmp_path):
     ]
     result = torchrun(4, args, timeout=300)
     assert result.returncode != 0
-    assert "decoder.layers.1.self_attention.linear_qkv.weight chunk c/0/0 failed its checksum" in result.stderr
+    assert (
+        "optim/exp_avg/decoder.layers.1.self_attention.linear_qkv.weight chunk c/0/0 failed its checksum"
+        in result.stderr
+    )
 
 
 def test_incomplete_checkpoints_are_skipped_with_a_reason(tmp_path, runs):
