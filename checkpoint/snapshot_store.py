@@ -219,14 +219,6 @@ class SnapshotStore:
                     whole = self._delivered(entry, segment, buffers)
         return whole
 
-    def deliver(self, step: int, rank: int, buffers: list[BufferInfo]) -> bool:
-        """Record that `rank`'s buffers of `step`, with their checksums, are in its segment;
-        whether that made this node's share of the step whole."""
-        self._check_rank(rank)
-        with self.lock:
-            segment = self._undelivered(step, rank, buffers)
-            return self._delivered(self.steps[step], segment, buffers)
-
     def _undelivered(self, step: int, rank: int, buffers: list[BufferInfo]) -> Segment:
         segment = self._segment(step, rank)
         if segment.buffers is not None or segment.received is not None:

@@ -403,7 +403,7 @@ def test_a_block_get_or_read_given_up_before_its_first_piece_still_unpins_its_st
     from types import SimpleNamespace
 
     from checkpoint.daemon import Servicer
-    from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore, checksum
+    from checkpoint.snapshot_store import BufferInfo, SnapshotError, SnapshotStore
     from tests.test_snapshot_daemon import segments_of
 
     job, page = unique_job(), 4096
@@ -415,7 +415,7 @@ def test_a_block_get_or_read_given_up_before_its_first_piece_still_unpins_its_st
             store.reserve(1, rank, page)
             value = np.full(page, rank + 1, np.uint8)
             store.steps[1].segments[rank].shm.buf[:page] = value.tobytes()  # as a rank would
-            store.deliver(1, rank, [BufferInfo("x", 0, page, checksum(value))])
+            store.settle(store.receive(1, rank, [BufferInfo("x", 0, page, 0)]))
         mirror = next(s.index for s in group.stripes if 0 in s.parity_nodes)
         chunk = SimpleNamespace(step=1, stripe=mirror, source=1, offset=0, block_bytes=page, data=bytes(page), meta="")
         store.add_parity(chunk)
